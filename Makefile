@@ -1,0 +1,47 @@
+# Every target sets up what it needs: a virtualenv, the CPU build of torch (override TORCH for
+# a GPU machine, e.g. TORCH=torch), the package, and GPT-2's BPE ranks file.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIPELINE := $(VENV)/bin/pipeline
+RANKS  := .cache/gpt2.tiktoken
+RUNTIME := $(VENV)/.runtime-installed
+DEV     := $(VENV)/.dev-installed
+
+CORPUS ?= data_sets/debian_packages.parquet
+NAME   ?= default
+MODEL  ?=
+QUERY  ?= tool to resize photos
+MODEL_OPT := $(if $(MODEL),--model $(MODEL),)
+
+.PHONY: setup test lint index search clean help
+
+help:
+	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...]   tokenize -> embed -> build-index -> example search"
+	@echo "make test                                       set up and run the test suite"
+	@echo "make lint                                       ruff"
+
+$(RUNTIME): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(DEV): $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+$(RANKS): | $(RUNTIME)
+	$(PY) -m pipeline.tokenizer fetch --out $(RANKS)
+
+setup: $(RUNTIME) $(RANKS)
+
+test: $(DEV) $(RANKS)
+	$(PY) -m pytest -q
+
+lint: $(DEV)
+	$(VENV)/bin/ruff check pipeline tests data_sets
+
+clean:
+	rm -rf $(VENV) .cache

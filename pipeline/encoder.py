@@ -1,0 +1,184 @@
+"""Text -> vectors: resolve `--model`, pick the device, plan batches, run the model.
+
+The stage that turns token shards into embedding shards (embed.py) and the one-off commands
+(`pipeline embed --sentence`, `pipeline similarity`, `pipeline search`) all go through
+``Encoder``, so a query is embedded exactly as the corpus was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import PRESETS, GPT2Model, load_pretrained, random_model
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# The trained default model ships inside the package; until it exists, a seeded random preset.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+FALLBACK_MODEL = "random:gpt2-mini"
+
+
+class ModelSpecError(ValueError):
+    """--model names nothing we can load."""
+
+
+def default_model_spec() -> str:
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return str(DEFAULT_MODEL_DIR)
+    return FALLBACK_MODEL
+
+
+def state_sha256(model: GPT2Model) -> str:
+    """Hash of the weights themselves (names, shapes, fp32 bytes) for models without a file."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(spec: str | None) -> tuple[GPT2Model, str, str]:
+    """(model, canonical spec, weights sha256) for a checkpoint folder or `random:PRESET[:SEED]`."""
+    spec = spec or default_model_spec()
+    if spec.startswith("random:"):
+        parts = spec.split(":")
+        preset = parts[1] if len(parts) > 1 else ""
+        if preset not in PRESETS or len(parts) > 3:
+            raise ModelSpecError(f"unknown model {spec!r}: presets are "
+                                 + ", ".join(f"random:{p}" for p in PRESETS))
+        try:
+            seed = int(parts[2]) if len(parts) == 3 else 0
+        except ValueError:
+            raise ModelSpecError(f"bad seed in {spec!r}: expected random:PRESET[:SEED]") from None
+        model = random_model(preset, seed)
+        return model, f"random:{preset}:{seed}", state_sha256(model)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise ModelSpecError(f"unknown model {spec!r}: expected a checkpoint folder or "
+                             "random:PRESET (" + ", ".join(PRESETS) + ")")
+    try:
+        model = load_pretrained(folder)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError, OSError) as err:
+        raise ModelSpecError(str(err).splitlines()[0]) from None
+    config = json.loads((folder / "config.json").read_text())
+    sha = config.get("weights_sha256") or state_sha256(model)
+    return model, str(folder), sha
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int,
+                 max_batch_size: int = 1024) -> list[list[int]]:
+    """Group indices into batches of similar length, longest first.
+
+    Each batch is padded to its longest member, so its cost is size x longest; a batch is
+    closed when that padded size would pass max_batch_tokens (a single over-long item still
+    gets a batch of its own). Sorting by length keeps padding small.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(lengths[i], 1)
+        longest_if_added = max(longest, n)
+        if current and (longest_if_added * (len(current) + 1) > max_batch_tokens
+                        or len(current) >= max_batch_size):
+            batches.append(current)
+            current, longest_if_added = [], n
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
+    """Right-pad to (B, T) int64 ids and mask (1 = real token)."""
+    T = max(max((len(t) for t in token_lists), default=1), 1)
+    ids = np.full((len(token_lists), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_lists), T), dtype=np.int64)
+    for row, toks in enumerate(token_lists):
+        ids[row, : len(toks)] = toks
+        mask[row, : len(toks)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+@dataclass
+class Encoder:
+    """A loaded model on its device, with the tokenizer and pooling it embeds with."""
+
+    model: GPT2Model
+    tokenizer: Tokenizer
+    device: torch.device
+    spec: str
+    sha256: str
+    pooling: str
+
+    @classmethod
+    def load(cls, spec: str | None = None, device: str | None = None,
+             pooling: str | None = None) -> Encoder:
+        model, canonical, sha = load_model(spec)
+        dev = pick_device(device)
+        model = model.to(dev).eval()
+        return cls(model, Tokenizer.load(), dev, canonical, sha,
+                   pooling or model.config.pooling)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.output_dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.config.n_positions
+
+    def identity(self) -> dict:
+        """What made a vector: recorded in manifests, checked by later stages."""
+        c = self.model.config
+        return {"model": self.spec, "model_sha256": self.sha256, "pooling": self.pooling,
+                "attention": c.attention, "dim": self.dim, "n_positions": c.n_positions,
+                "tokenizer": self.tokenizer.name}
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def embed_batch(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """One padded forward pass; returns (B, dim) float32 L2-normalised vectors."""
+        ids, mask = pad_batch(token_lists)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self._autocast():
+            vectors = self.model.embed(ids, mask, self.pooling)
+        return vectors.float().cpu().numpy()
+
+    def embed_token_lists(self, token_lists: Sequence[Sequence[int]],
+                          max_batch_tokens: int = 16384,
+                          progress: Iterable | None = None) -> np.ndarray:
+        """Vectors in input order; lists longer than the context are truncated."""
+        token_lists = [list(t[: self.max_tokens]) for t in token_lists]
+        out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
+        for batch in plan_batches([len(t) for t in token_lists], max_batch_tokens):
+            out[batch] = self.embed_batch([token_lists[i] for i in batch])
+            if progress is not None:
+                progress.update(len(batch))
+        return out
+
+    def embed_texts(self, texts: Sequence[str], max_batch_tokens: int = 16384) -> np.ndarray:
+        return self.embed_token_lists(self.tokenizer.encode_batch(texts), max_batch_tokens)

@@ -1,0 +1,281 @@
+"""A GPT-2 encoder in PyTorch, nanoGPT-style: config, attention, MLP, block, model, pooling.
+
+Parameter names follow Hugging Face's ``GPT2Model`` (``wte``, ``wpe``, ``h.{i}.attn.c_attn``,
+...), so a standard GPT-2 checkpoint folder loads with ``load_pretrained``. Hugging Face
+stores its four projection matrices as ``Conv1D`` (in, out); we use ``nn.Linear`` (out, in) and
+transpose on the way in and out, so our own checkpoints are also valid Hugging Face folders.
+
+Only what embeddings need is here: no LM head, KV cache or dropout at inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+POOLINGS = ("mean", "weighted-mean", "last", "max", "first")
+ATTENTIONS = ("causal", "bidirectional")
+# Hugging Face GPT-2 keeps these four as Conv1D, whose weight is the transpose of nn.Linear's.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+    # What makes an encoder of the decoder (recorded in every checkpoint):
+    attention: str = "causal"  # "bidirectional" lets every token see the whole text (LLM2Vec)
+    pooling: str = "mean"
+    # Optional linear head after pooling (e.g. to a teacher's width during distillation); 0 = none.
+    projection_dim: int = 0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError("n_embd must be a multiple of n_head")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}")
+
+    @property
+    def output_dim(self) -> int:
+        return self.projection_dim or self.n_embd
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Config:
+        """Accepts our config.json and Hugging Face's (which has many extra keys)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(),  # 124M
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),  # 1.5B
+    # CPU-friendly: the shape of the project's trained default model (16M parameters).
+    "gpt2-mini": GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=512),
+    # For tests only.
+    "gpt2-tiny": GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128),
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=causal and attn_mask is None)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask, causal: bool):
+        x = x + self.attn(self.ln_1(x), attn_mask, causal)  # pre-LayerNorm, as GPT-2
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    """Token ids -> last hidden states (after the final LayerNorm), and pooled embeddings."""
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.proj = nn.Linear(cfg.n_embd, cfg.projection_dim) if cfg.projection_dim else None
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer)).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """input_ids (B, T), right-padded; attention_mask (B, T), 1 = real token.
+
+        Right padding keeps every real token at its true position. Under causal attention a real
+        token never sees the pads after it, so no mask is needed; bidirectional attention masks
+        the pads out as keys.
+        """
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of "
+                             f"{self.config.n_positions}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
+        causal = self.config.attention == "causal"
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            if causal:
+                tri = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                keys = keys & tri
+            # A pad query that sees no key would give NaN; let pads see themselves.
+            attn_mask = keys | torch.eye(T, dtype=torch.bool, device=x.device)
+        for block in self.h:
+            x = block(x, attn_mask, causal)
+        return self.ln_f(x)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              pooling: str | None = None, normalize: bool = True) -> torch.Tensor:
+        """Pooled (and by default L2-normalised) sentence vectors, (B, output_dim)."""
+        hidden = self(input_ids, attention_mask)
+        pooled = pool(hidden, attention_mask, pooling or self.config.pooling)
+        if self.proj is not None:
+            pooled = self.proj(pooled)
+        return F.normalize(pooled.float(), dim=-1) if normalize else pooled
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool (B, T, C) hidden states over real tokens (mask (B, T), right-padded) to (B, C)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    if method == "mean":
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if method == "weighted-mean":
+        # SGPT: weight token i by i+1, so later tokens, which have seen more, count more.
+        w = m * torch.arange(1, hidden.shape[1] + 1, device=hidden.device,
+                             dtype=hidden.dtype).view(1, -1, 1)
+        return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+    if method == "last":
+        last = mask.long().sum(1).clamp(min=1) - 1  # index of the last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if method == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).amax(1)
+    if method == "first":
+        return hidden[:, 0]
+    raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: model.safetensors (Hugging Face GPT-2 layout) + config.json
+
+
+def to_hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.t() if name.endswith(CONV1D_SUFFIXES) else t
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT-2 names -> ours: drop the 'transformer.' prefix of LM-head checkpoints,
+    the causal-mask buffers and the LM head, and transpose the Conv1D weights."""
+    out = {}
+    for name, t in sd.items():
+        name = name.removeprefix("transformer.")
+        if name.startswith("lm_head") or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        out[name] = t.t() if name.endswith(CONV1D_SUFFIXES) else t
+    return out
+
+
+def weights_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write model.safetensors + config.json; config.json records the weights' sha256."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = to_hf_state_dict(model)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    weights = folder / "model.safetensors"
+    tmp = weights.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)
+    config = {"model_type": "gpt2", **asdict(model.config),
+              "tokenizer": "gpt2 (tiktoken r50k_base)",
+              "weights_sha256": weights_sha256(weights), **(extra or {})}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
+    """Load a checkpoint folder: ours, or a Hugging Face GPT-2 (config.json + model.safetensors).
+
+    overrides replace config fields (e.g. attention="bidirectional") before building.
+    """
+    folder = Path(folder)
+    config_path, weights = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder "
+                                "(config.json and model.safetensors expected)")
+    cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
+    cfg = replace(cfg, **overrides)
+    model = GPT2Model(cfg)
+    sd = from_hf_state_dict(load_file(str(weights)))
+    missing, unexpected = model.load_state_dict(
+        {k: v.float() for k, v in sd.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not fit the config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def random_model(preset: str, seed: int = 0, **overrides) -> GPT2Model:
+    """A preset with seeded random weights: the same (preset, seed) gives the same model."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    return GPT2Model(replace(PRESETS[preset], **overrides)).eval()

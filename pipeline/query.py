@@ -1,0 +1,91 @@
+"""Similarity metrics between vectors and similarity matrices over many.
+
+Conventions follow the seed: cosine similarity (1 = same direction), Euclidean and Manhattan
+*distances* (0 = identical), the dot product, and Pearson correlation of the two vectors'
+components. Our embeddings are L2-normalised, so the dot product equals the cosine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("cosine", "euclidean", "manhattan", "dot", "pearson")
+# How to read each number, shown next to it in the CLI.
+METRIC_HINTS = {
+    "cosine": "(0=different, 1=identical)",
+    "euclidean": "(0=identical, higher=different)",
+    "manhattan": "(0=identical, higher=different)",
+    "dot": "(normalized vectors)",
+    "pearson": "(-1..1, 1=identical shape)",
+}
+METRIC_LABELS = {
+    "cosine": "Cosine Similarity",
+    "euclidean": "Euclidean Distance",
+    "manhattan": "Manhattan Distance",
+    "dot": "Dot Product Sim",
+    "pearson": "Pearson Correlation",
+}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom else 0.0
+
+
+def euclidean(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+
+
+def manhattan(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).sum())
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.asarray(a, np.float64) @ np.asarray(b, np.float64))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64) - np.mean(a)
+    b = np.asarray(b, np.float64) - np.mean(b)
+    return cosine(a, b)
+
+
+METRIC_FUNCTIONS = {"cosine": cosine, "euclidean": euclidean, "manhattan": manhattan,
+                    "dot": dot, "pearson": pearson}
+
+
+def similarity(a: np.ndarray, b: np.ndarray, metric: str = "cosine") -> float:
+    if metric not in METRIC_FUNCTIONS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    return METRIC_FUNCTIONS[metric](a, b)
+
+
+def all_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {m: METRIC_FUNCTIONS[m](a, b) for m in METRICS}
+
+
+def similarity_matrix(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """(N, N) matrix of `metric` between all rows, vectorised (no Python double loop)."""
+    x = np.asarray(vectors, np.float64)
+    if metric == "dot":
+        return x @ x.T
+    if metric in ("cosine", "pearson"):
+        if metric == "pearson":
+            x = x - x.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norms == 0, 1, norms)
+        return x @ x.T
+    if metric == "euclidean":
+        sq = (x * x).sum(1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
+        np.fill_diagonal(d2, 0)
+        return np.sqrt(d2)
+    if metric == "manhattan":
+        # Row blocks keep the (block, N, D) difference tensor near 64 MB.
+        out = np.empty((len(x), len(x)))
+        block = max(1, (1 << 23) // max(1, x.size))
+        for i in range(0, len(x), block):
+            out[i : i + block] = np.abs(x[i : i + block, None, :] - x[None, :, :]).sum(-1)
+        return out
+    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")

@@ -1,0 +1,151 @@
+"""The encoder against Hugging Face transformers' GPT-2, pooling, and checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.encoder import ModelSpecError, load_model, pad_batch
+from pipeline.model import (
+    POOLINGS,
+    GPT2Config,
+    GPT2Model,
+    load_pretrained,
+    pool,
+    random_model,
+    save_checkpoint,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_token_lists(seed, n=6, vocab=50257, max_len=40):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len, (n,), generator=g).tolist()
+    lengths[0] = max_len  # one row without padding
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random transformers.GPT2Model saved the standard way (config.json + model.safetensors)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=96,
+                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2Model(cfg).eval()
+    # Random init leaves LayerNorms at 1/0 and biases at 0; perturb them so they are tested.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder, safe_serialization=True)
+    return folder, hf
+
+
+def test_last_hidden_states_match_transformers(hf_folder):
+    folder, hf = hf_folder
+    ours = load_pretrained(folder)
+    tokens = random_token_lists(1, n=5, max_len=50)
+    ids, mask = pad_batch(tokens)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    real = mask.bool()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_checkpoint_loads(tmp_path, hf_folder):
+    """GPT2LMHeadModel folders (prefix 'transformer.', tied lm_head) load too."""
+    _, hf = hf_folder
+    lm = transformers.GPT2LMHeadModel(hf.config).eval()
+    lm.transformer.load_state_dict(hf.state_dict())
+    lm.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_pretrained(tmp_path)
+    ids, mask = pad_batch(random_token_lists(2, n=3, max_len=20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask)[mask.bool()],
+                                   hf(input_ids=ids, attention_mask=mask)
+                                   .last_hidden_state[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pooling_on_padded_batch_equals_alone(pooling, attention):
+    model = random_model("gpt2-tiny", seed=3, attention=attention, pooling=pooling)
+    tokens = random_token_lists(4, n=7, max_len=30)
+    ids, mask = pad_batch(tokens)
+    with torch.no_grad():
+        batched = model.embed(ids, mask)
+        for row, toks in enumerate(tokens):
+            alone = model.embed(*pad_batch([toks]))
+            torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(len(tokens)), atol=1e-5)
+
+
+def test_pooling_definitions():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]]])  # last position is a pad
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(pool(hidden, mask, "mean"), torch.tensor([[2.0, 1.0]]))
+    # weights 1 and 2 over the two real tokens
+    torch.testing.assert_close(pool(hidden, mask, "weighted-mean"),
+                               torch.tensor([[7 / 3, 4 / 3]]))
+    torch.testing.assert_close(pool(hidden, mask, "last"), torch.tensor([[3.0, 2.0]]))
+    torch.testing.assert_close(pool(hidden, mask, "max"), torch.tensor([[3.0, 2.0]]))
+    torch.testing.assert_close(pool(hidden, mask, "first"), torch.tensor([[1.0, 0.0]]))
+
+
+def test_bidirectional_differs_from_causal_and_sees_the_future():
+    causal = random_model("gpt2-tiny", seed=5)
+    bidir = random_model("gpt2-tiny", seed=5, attention="bidirectional")
+    ids, mask = pad_batch([[10, 20, 30], [10, 20, 31]])
+    with torch.no_grad():
+        hc, hb = causal(ids, mask), bidir(ids, mask)
+    # Changing the last token leaves the first token's causal state alone, not its bidirectional.
+    torch.testing.assert_close(hc[0, 0], hc[1, 0])
+    assert not torch.allclose(hb[0, 0], hb[1, 0])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = random_model("gpt2-tiny", seed=7, pooling="weighted-mean", projection_dim=16)
+    save_checkpoint(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pooling"] == "weighted-mean" and len(config["weights_sha256"]) == 64
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config == model.config
+    ids, mask = pad_batch(random_token_lists(8, n=4, max_len=20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(ids, mask), model.embed(ids, mask))
+    _, spec, sha = load_model(str(tmp_path))
+    assert sha == config["weights_sha256"]
+
+
+def test_our_checkpoint_is_a_transformers_checkpoint(tmp_path):
+    model = random_model("gpt2-tiny", seed=9)
+    save_checkpoint(model, tmp_path)
+    hf = transformers.GPT2Model.from_pretrained(tmp_path).eval()
+    ids, mask = pad_batch(random_token_lists(10, n=3, max_len=20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask)[mask.bool()],
+                                   hf(input_ids=ids, attention_mask=mask)
+                                   .last_hidden_state[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_model_specs():
+    a, spec, sha_a = load_model("random:gpt2-tiny:1")
+    b, _, sha_b = load_model("random:gpt2-tiny:1")
+    _, _, sha_c = load_model("random:gpt2-tiny:2")
+    assert spec == "random:gpt2-tiny:1" and sha_a == sha_b != sha_c
+    for bad in ["nonsense", "random:gpt5", "random:gpt2-tiny:x", "/no/such/folder"]:
+        with pytest.raises(ModelSpecError):
+            load_model(bad)
+
+
+def test_presets_have_gpt2_shapes():
+    assert GPT2Model(GPT2Config(n_layer=1)).config.vocab_size == 50257
+    # 124M parameters for gpt2 (without the LM head, which shares wte)
+    n = sum(p.numel() for p in random_model("gpt2").parameters())
+    assert 124_000_000 < n < 124_600_000
+    with pytest.raises(ValueError, match="context"):
+        random_model("gpt2-tiny")(torch.zeros(1, 129, dtype=torch.long))

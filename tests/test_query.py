@@ -1,0 +1,50 @@
+"""Metrics against scipy's independent implementations."""
+
+import numpy as np
+import pytest
+from scipy.spatial import distance
+from scipy.stats import pearsonr
+
+from pipeline import query
+
+
+@pytest.fixture
+def vectors():
+    return np.random.default_rng(0).normal(size=(12, 48))
+
+
+def test_pairwise_metrics_match_scipy(vectors):
+    a, b = vectors[0], vectors[1]
+    assert query.cosine(a, b) == pytest.approx(1 - distance.cosine(a, b), abs=1e-12)
+    assert query.euclidean(a, b) == pytest.approx(distance.euclidean(a, b), abs=1e-12)
+    assert query.manhattan(a, b) == pytest.approx(distance.cityblock(a, b), abs=1e-12)
+    assert query.dot(a, b) == pytest.approx(float(np.dot(a, b)), abs=1e-12)
+    assert query.pearson(a, b) == pytest.approx(pearsonr(a, b)[0], abs=1e-12)
+
+
+@pytest.mark.parametrize("metric,scipy_metric", [
+    ("cosine", "cosine"), ("euclidean", "euclidean"), ("manhattan", "cityblock"),
+    ("pearson", "correlation"),
+])
+def test_matrix_matches_scipy(vectors, metric, scipy_metric):
+    got = query.similarity_matrix(vectors, metric)
+    ref = distance.cdist(vectors, vectors, scipy_metric)
+    if metric in ("cosine", "pearson"):
+        ref = 1 - ref  # scipy gives distances
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+def test_matrix_dot_and_normalised_identities(vectors):
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(query.similarity_matrix(unit, "dot"),
+                               query.similarity_matrix(unit, "cosine"), atol=1e-12)
+    # For unit vectors, |a-b|^2 = 2 - 2 cos
+    np.testing.assert_allclose(query.similarity_matrix(unit, "euclidean") ** 2,
+                               2 - 2 * query.similarity_matrix(unit, "cosine"), atol=1e-9)
+
+
+def test_unknown_metric(vectors):
+    with pytest.raises(ValueError, match="unknown metric"):
+        query.similarity_matrix(vectors, "hamming")
+    with pytest.raises(ValueError, match="unknown metric"):
+        query.similarity(vectors[0], vectors[1], "hamming")
