@@ -179,5 +179,16 @@ def similarity(
         typer.echo(f"  {label:<21} {value:.4f} {query.METRIC_HINTS[name]}")
 
 
+def _register_optional_commands() -> None:
+    """train / evaluate live in cli_train.py (issue 6) while that work is in progress."""
+    try:
+        from .cli_train import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional_commands()
+
 if __name__ == "__main__":
     app()
