@@ -70,3 +70,99 @@ def read_table_metadata(path: str | Path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(b"pipeline")
     return json.loads(raw) if raw else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Index folders: indexes/NAME/{manifest.json, tokens/, embeddings/, index.faiss, index.json}
+#
+# Row r of the corpus (one document, or one window of a long document) is row r of the token
+# shards, of the embedding shards and of the FAISS index: shard k holds rows
+# [first_row, first_row + rows) in order, so no id map is needed.
+
+MANIFEST = "manifest.json"
+TOKENS_DIR = "tokens"
+EMBEDDINGS_DIR = "embeddings"
+
+
+class IndexFolderError(ValueError):
+    """An index folder is missing a stage's output or holds mismatched ones."""
+
+
+def shard_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(index_dir: str | Path) -> dict:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise IndexFolderError(f"{index_dir} has no {MANIFEST}: run `pipeline tokenize` first")
+    return json.loads(path.read_text())
+
+
+def write_manifest(index_dir: str | Path, manifest: dict) -> Path:
+    return atomic_write_json(manifest, Path(index_dir) / MANIFEST)
+
+
+def token_shards(manifest: dict) -> list[dict]:
+    """The tokenize stage's shard records: name, first_row, rows, docs, sha256."""
+    return manifest.get("tokenize", {}).get("shards", [])
+
+
+def total_rows(manifest: dict) -> int:
+    return sum(s["rows"] for s in token_shards(manifest))
+
+
+def require_embeddings(index_dir: str | Path) -> dict:
+    """The manifest, after checking that every token shard has its embedding shard."""
+    manifest = read_manifest(index_dir)
+    done = manifest.get("embed", {}).get("shards", {})
+    missing = [s["name"] for s in token_shards(manifest) if s["name"] not in done]
+    if not token_shards(manifest) or missing:
+        raise IndexFolderError(f"{index_dir}: embeddings are incomplete "
+                               f"({len(missing)} shard(s) left): run `pipeline embed --index`")
+    return manifest
+
+
+def iter_vector_shards(index_dir: str | Path):
+    """(first_row, (n, dim) float32 vectors) per embedding shard, in row order."""
+    index_dir = Path(index_dir)
+    manifest = require_embeddings(index_dir)
+    for shard in token_shards(manifest):
+        table = pq.read_table(index_dir / EMBEDDINGS_DIR / shard["name"],
+                              columns=["embedding"])
+        yield shard["first_row"], arrow_to_vectors(table["embedding"]).astype(np.float32)
+
+
+def load_vectors(index_dir: str | Path) -> np.ndarray:
+    """All vectors of an index folder as one (N, dim) float32 array, row r = corpus row r."""
+    parts = [v for _, v in iter_vector_shards(index_dir)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def read_rows(index_dir: str | Path, rows: Sequence[int],
+              columns: Sequence[str] = ("doc_id", "chunk", "text")) -> list[dict]:
+    """Token-shard columns for the given global rows (search hits), in the order asked."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    out: dict[int, dict] = {}
+    wanted = sorted(set(int(r) for r in rows))
+    for shard in token_shards(manifest):
+        lo, hi = shard["first_row"], shard["first_row"] + shard["rows"]
+        local = [r - lo for r in wanted if lo <= r < hi]
+        if not local:
+            continue
+        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"], columns=list(columns))
+        picked = table.take(pa.array(local)).to_pylist()
+        for r, record in zip(local, picked, strict=True):
+            out[r + lo] = record
+    return [out[int(r)] for r in rows]
