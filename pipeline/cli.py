@@ -105,6 +105,8 @@ def embed(
     dtype: Annotated[str, typer.Option(help="Stored vector type for --index: float32 or float16.")]
     = "float32",
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = 16384,
+    overwrite: Annotated[bool, typer.Option(
+        help="With --index: discard embeddings made with another model or dtype.")] = False,
 ):
     """Embed a sentence (JSON, as the seed), a file of lines (Parquet), or an index's shards."""
     check_pooling(pooling)
@@ -114,8 +116,15 @@ def embed(
     if index is not None:
         from .embed import run_embed
 
-        run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
-                  batch_tokens=batch_tokens, console=err_console)
+        section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
+                            batch_tokens=batch_tokens, overwrite=overwrite, console=err_console)
+        stats = section["stats"]
+        if stats["rows"] == 0:
+            err_console.print(f"embeddings in {index} are current: skipped")
+        else:
+            err_console.print(f"embedded {stats['rows']:,} rows ({stats['tokens']:,} tokens) "
+                              f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
+                              f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
         return
     if sentence is not None:
         require_text(sentence, "--sentence")
@@ -177,6 +186,216 @@ def similarity(
     for name, value in metrics.items():
         label = query.METRIC_LABELS[name] + ":"
         typer.echo(f"  {label:<21} {value:.4f} {query.METRIC_HINTS[name]}")
+
+
+IndexOption = Annotated[Path, typer.Option(
+    "--index", "-i", help="Index folder, e.g. indexes/default.")]
+
+
+@app.command()
+@user_errors
+def tokenize(
+    corpus: Annotated[str, typer.Argument(
+        help="A file (.txt/.jsonl/.csv/.tsv/.parquet, optionally .gz/.zst), a folder or a glob.")],
+    index: IndexOption,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", "--text-column", help="JSONL field / CSV, TSV or Parquet column.")]
+    = "text",
+    id_field: Annotated[str, typer.Option(
+        "--id-field", "--id-column",
+        help="Field holding document ids; where absent, ids are FILE:LINE.")] = "id",
+    max_tokens: Annotated[int, typer.Option(
+        help="Longer documents are split into overlapping windows of this many tokens.")] = 256,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by consecutive windows.")] = 32,
+    shard_rows: Annotated[int, typer.Option(help="Rows per shard (bounds memory).")] = 50_000,
+    force: Annotated[bool, typer.Option(help="Re-tokenize even if the tokens are current.")]
+    = False,
+):
+    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/."""
+    from tqdm import tqdm
+
+    from .tokenize_corpus import TokenizeSettings, run_tokenize
+
+    settings = TokenizeSettings(text_field, id_field, max_tokens, overlap, shard_rows)
+    with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr) as bar:
+        result = run_tokenize(corpus, index, settings, progress=bar, force=force)
+    stats = result["stats"]
+    if result.get("skipped"):
+        err_console.print(f"tokens in {index} are current ({stats['rows']} rows): skipped")
+        return
+    err_console.print(
+        f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
+        f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} shards) "
+        f"at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, replaced "
+        f"undecodable bytes in {stats['undecodable_replaced']}, split "
+        f"{stats['split_documents']} long documents", highlight=False)
+
+
+@app.command("build-index")
+@user_errors
+def build_index(
+    index: IndexOption,
+    index_key: Annotated[str | None, typer.Option(
+        help="A FAISS factory string (e.g. Flat, HNSW32, IVF1024,Flat). Default: by size.")]
+    = None,
+    target_recall: Annotated[float, typer.Option(
+        help="Tune nprobe/efSearch until recall@10 against exact search reaches this.")] = 0.95,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the index is current.")] = False,
+):
+    """Stage 3: build a FAISS inner-product index over the embeddings, with measured recall."""
+    from .index import run_build_index
+
+    if not 0 < target_recall <= 1:
+        raise UsageError("--target-recall must be in (0, 1]")
+    info = run_build_index(index, index_key, target_recall, force, err_console)
+    err_console.print(f"index {info['key']} over {info['n']:,} vectors of {info['dim']} dims: "
+                      f"recall@10 {info['recall_at_10']:.3f} (target {target_recall})",
+                      highlight=False)
+
+
+@app.command()
+@user_errors
+def search(
+    query_text: Annotated[str | None, typer.Argument(metavar="QUERY", help="Text to look for.")]
+    = None,
+    index: IndexOption = Path("indexes/default"),
+    k: Annotated[int, typer.Option("-k", help="Number of documents.")] = 10,
+    queries: Annotated[Path | None, typer.Option(help="File of queries, one per line.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Parquet output for --queries.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+):
+    """Stage 4: nearest documents to a query (or to each line of --queries)."""
+    from .search import search as run_search
+
+    if (query_text is None) == (queries is None):
+        raise UsageError("give a QUERY or --queries FILE")
+    texts = [query_text] if query_text is not None else [
+        line for line in read_lines(queries) if line.strip()]
+    for text in texts:
+        require_text(text, "the query")
+    if not texts:
+        raise UsageError(f"{queries} has no queries")
+    if queries is not None and out is None and not as_json:
+        raise UsageError("--queries needs --out results.parquet or --json")
+    results = run_search(index, texts, k, model, device)
+    if out is not None:
+        import pyarrow as pa
+
+        from .shards import atomic_write_table
+
+        records = [{"query_id": q + 1, "query": texts[q], "rank": h.rank, "score": h.score,
+                    "doc_id": h.doc_id, "chunk": h.chunk, "row": h.row, "text": h.text}
+                   for q, hits in enumerate(results) for h in hits]
+        atomic_write_table(pa.Table.from_pylist(records), out)
+        err_console.print(f"wrote {len(records)} hits for {len(texts)} queries to {out}")
+        return
+    if as_json:
+        payload = [{"query": t, "hits": [h.__dict__ for h in hits]}
+                   for t, hits in zip(texts, results, strict=True)]
+        typer.echo(json.dumps(payload[0] if query_text is not None else payload))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{query_text!r} in {index}", title_justify="left")
+    for column, justify in (("rank", "right"), ("score", "right"), ("id", "left"),
+                            ("text", "left")):
+        table.add_column(column, justify=justify, overflow="fold" if column == "id" else None)
+    for h in results[0]:
+        snippet = " ".join(h.text.split())
+        snippet = snippet[:160] + ("…" if len(snippet) > 160 else "")
+        table.add_row(str(h.rank), f"{h.score:.3f}", h.doc_id, snippet)
+    console.print(table)
+
+
+@app.command("similarity-matrix")
+@user_errors
+def similarity_matrix(
+    file: Annotated[Path | None, typer.Argument(help="Sentences, one per line.")] = None,
+    index: Annotated[Path | None, typer.Option(
+        "--index", "-i", help="Sample the sentences from this index instead.")] = None,
+    sample: Annotated[int, typer.Option(help="Rows to sample with --index.")] = 12,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    metric: Annotated[str, typer.Option(help=f"One of {', '.join(query.METRICS)}.")]
+    = "cosine",
+    out: Annotated[Path | None, typer.Option(help="Write the matrix as .csv or .parquet.")]
+    = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+):
+    """All-pairs similarity of sentences, printed colour-scaled and optionally saved."""
+    import numpy as np
+
+    if metric not in query.METRICS:
+        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(query.METRICS)}")
+    if (file is None) == (index is None):
+        raise UsageError("give a FILE of sentences or --index")
+    if out is not None and out.suffix not in (".csv", ".parquet"):
+        raise UsageError("--out must end in .csv or .parquet")
+    if file is not None:
+        sentences = [line for line in read_lines(file) if line.strip()]
+        if len(sentences) < 2:
+            raise UsageError(f"{file} needs at least two non-empty lines")
+        vectors = Encoder.load(model, device).embed_texts(sentences)
+    else:
+        from .shards import load_vectors, read_rows
+
+        all_vectors = load_vectors(index)
+        if sample < 2:
+            raise UsageError("--sample must be at least 2")
+        rng = np.random.default_rng(seed)
+        rows = sorted(rng.choice(len(all_vectors), min(sample, len(all_vectors)),
+                                 replace=False).tolist())
+        sentences = [r["text"] for r in read_rows(index, rows, ("text",))]
+        vectors = all_vectors[rows]
+    matrix = query.similarity_matrix(vectors, metric)
+    print_matrix(sentences, matrix, metric)
+    if out is not None:
+        write_matrix(out, sentences, matrix)
+        err_console.print(f"wrote {len(sentences)}x{len(sentences)} {metric} matrix to {out}")
+
+
+def print_matrix(sentences: list[str], matrix, metric: str) -> None:
+    from rich.table import Table
+
+    lo, hi = float(matrix.min()), float(matrix.max())
+    higher_is_closer = metric not in ("euclidean", "manhattan")
+    table = Table(title=f"{metric} similarity", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("sentence", max_width=40, no_wrap=True)
+    for j in range(len(sentences)):
+        table.add_column(str(j + 1), justify="right")
+    for i, sentence in enumerate(sentences):
+        cells = []
+        for value in matrix[i]:
+            t = (value - lo) / (hi - lo) if hi > lo else 1.0
+            t = t if higher_is_closer else 1 - t
+            green, red = int(55 + 200 * t), int(55 + 200 * (1 - t))
+            cells.append(f"[rgb({red},{green},80)]{value:.3f}[/]")
+        table.add_row(str(i + 1), sentence, *cells)
+    console.print(table)
+
+
+def write_matrix(out: Path, sentences: list[str], matrix) -> None:
+    import pyarrow as pa
+
+    from .shards import atomic_write_table
+
+    columns = {"sentence": sentences}
+    columns.update({f"s{j + 1}": matrix[:, j].tolist() for j in range(len(sentences))})
+    if out.suffix == ".parquet":
+        atomic_write_table(pa.table(columns), out)
+        return
+    import csv
+
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["sentence", *[f"s{j + 1}" for j in range(len(sentences))]])
+        for i, sentence in enumerate(sentences):
+            writer.writerow([sentence, *[f"{v:.6f}" for v in matrix[i]]])
+    tmp.replace(out)
 
 
 def _register_optional_commands() -> None:

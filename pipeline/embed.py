@@ -1,0 +1,124 @@
+"""Stage 2: tokens/part-NNNNN.parquet -> embeddings/part-NNNNN.parquet.
+
+The shard is the unit of work and of resumption: each embedding shard is written to a temp
+file, renamed, and only then recorded in the manifest, so after a crash or Ctrl-C a rerun
+redoes exactly the shards that are not recorded. Within a shard, rows are embedded in
+length-sorted, token-budget batches and written back in row order, so the result does not
+depend on how the work was split.
+
+Embedding shard columns: row, doc_id, chunk, embedding (FixedSizeList<float32|float16>[dim],
+L2-normalised).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .encoder import Encoder
+from .shards import (
+    EMBEDDINGS_DIR,
+    TOKENS_DIR,
+    IndexFolderError,
+    atomic_write_table,
+    file_sha256,
+    read_manifest,
+    token_shards,
+    vectors_to_arrow,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def check_model_matches(manifest: dict, encoder: Encoder, index_dir: Path) -> None:
+    """Refuse to mix vectors of two models (or poolings) in one index."""
+    old = manifest.get("embed", {}).get("identity")
+    if not old or not manifest["embed"].get("shards"):
+        return
+    new = encoder.identity()
+    for key in ("model_sha256", "pooling", "attention", "dim"):
+        if old.get(key) != new.get(key):
+            raise IndexFolderError(
+                f"{index_dir} was embedded with {old.get('model')} ({key} {old.get(key)}), not "
+                f"{new.get('model')} ({new.get(key)}): use --overwrite to re-embed, or a new "
+                "--index")
+
+
+def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int,
+                progress=None) -> tuple[pa.Table, int]:
+    """One token shard -> its embedding table (same rows, same order) and its token count."""
+    token_lists = table["tokens"].to_pylist()
+    vectors = encoder.embed_token_lists(token_lists, batch_tokens, progress=progress)
+    out = pa.table({"row": table["row"], "doc_id": table["doc_id"], "chunk": table["chunk"],
+                    "embedding": vectors_to_arrow(vectors.astype(DTYPES[dtype]))})
+    return out, sum(len(t) for t in token_lists)
+
+
+def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,
+              pooling: str | None = None, dtype: str = "float32", batch_tokens: int = 16384,
+              overwrite: bool = False, console=None) -> dict:
+    """Embed every token shard not yet recorded as done; returns the manifest's embed section."""
+    from tqdm import tqdm
+
+    index_dir = Path(index_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    manifest = read_manifest(index_dir)
+    shards = token_shards(manifest)
+    if not shards:
+        raise IndexFolderError(f"{index_dir} has no token shards: run `pipeline tokenize` first")
+    previous = manifest.get("embed", {})
+    if model is None and previous.get("identity") and not overwrite:
+        model = previous["identity"]["model"]  # resume with the model the index started with
+    encoder = Encoder.load(model, device, pooling)
+    max_tokens = manifest["tokenize"]["settings"]["max_tokens"]
+    if max_tokens > encoder.max_tokens:
+        raise IndexFolderError(f"tokens were cut to {max_tokens} but {encoder.spec} reads at "
+                               f"most {encoder.max_tokens}: re-tokenize with --max-tokens "
+                               f"{encoder.max_tokens}")
+    if overwrite:
+        previous = {}
+    else:
+        check_model_matches(manifest, encoder, index_dir)
+        if previous.get("shards") and previous.get("dtype") != dtype:
+            raise IndexFolderError(f"{index_dir} holds {previous.get('dtype')} vectors: "
+                                   "use --overwrite to change --dtype")
+    done = dict(previous.get("shards", {}))
+    # A shard counts as done only if its file is there with the recorded hash.
+    for name, record in list(done.items()):
+        path = index_dir / EMBEDDINGS_DIR / name
+        if not path.is_file() or file_sha256(path) != record["sha256"]:
+            del done[name]
+    section = {"identity": encoder.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
+               "device": str(encoder.device), "shards": done}
+    manifest["embed"] = section
+    write_manifest(index_dir, manifest)
+
+    todo = [s for s in shards if s["name"] not in done]
+    total_rows = sum(s["rows"] for s in todo)
+    started, n_tokens = time.perf_counter(), 0
+    with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
+              disable=total_rows == 0) as bar:
+        for shard in todo:
+            table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
+            out, shard_tokens = embed_shard(encoder, table, dtype, batch_tokens, progress=bar)
+            path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"])
+            n_tokens += shard_tokens
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tok_s=f"{n_tokens / elapsed:,.0f}")
+            done[shard["name"]] = {"rows": out.num_rows, "sha256": file_sha256(path)}
+            write_manifest(index_dir, manifest)  # `done` is inside `manifest`
+    elapsed = time.perf_counter() - started
+    section["stats"] = {"rows": total_rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
+                        "docs_per_s": round(total_rows / max(elapsed, 1e-9), 1),
+                        "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
+                        "skipped_shards": len(shards) - len(todo)}
+    write_manifest(index_dir, manifest)
+    return section
