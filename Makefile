@@ -43,5 +43,15 @@ test: $(DEV) $(RANKS)
 lint: $(DEV)
 	$(VENV)/bin/ruff check pipeline tests data_sets
 
+# The main job: each stage skips itself when its outputs are current.
+index: $(RUNTIME) $(RANKS)
+	$(PIPELINE) tokenize $(CORPUS) --index indexes/$(NAME)
+	$(PIPELINE) embed --index indexes/$(NAME) $(MODEL_OPT)
+	$(PIPELINE) build-index --index indexes/$(NAME)
+	$(PIPELINE) search "$(QUERY)" --index indexes/$(NAME) -k 5
+
+search: $(RUNTIME) $(RANKS)
+	$(PIPELINE) search "$(QUERY)" --index indexes/$(NAME)
+
 clean:
 	rm -rf $(VENV) .cache

@@ -50,6 +50,11 @@ def user_errors(fn):
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            # Finished shards are recorded; the rerun resumes after them.
+            err_console.print("interrupted: finished work is kept; run the command again to "
+                              "resume")
+            raise typer.Exit(code=130) from None
 
     return wrapper
 

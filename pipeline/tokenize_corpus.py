@@ -159,9 +159,43 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
     if not force and is_current(manifest, section, index_dir):
         return {**manifest["tokenize"], "skipped": True}
 
+    created = not index_dir.exists()
     work = index_dir / (TOKENS_DIR + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
+                                                            tokenizer, progress)
+    except BaseException:
+        # Nothing half-written survives: the previous tokens (if any) stay as they were.
+        shutil.rmtree(work, ignore_errors=True)
+        if created:
+            shutil.rmtree(index_dir, ignore_errors=True)
+        raise
+
+    # Swap in the new tokens; what was built on the old ones is now stale.
+    for stale in (TOKENS_DIR, EMBEDDINGS_DIR):
+        shutil.rmtree(index_dir / stale, ignore_errors=True)
+    for stale in INDEX_OUTPUTS:
+        (index_dir / stale).unlink(missing_ok=True)
+    work.rename(index_dir / TOKENS_DIR)
+    result = {
+        **section,
+        "shards": shards,
+        "stats": {"files": stats.files, "documents": stats.documents,
+                  "empty_skipped": stats.empty_skipped,
+                  "undecodable_replaced": stats.undecodable_replaced,
+                  **counts, "bytes": stats.bytes_read, "seconds": round(seconds, 3),
+                  "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2)},
+        "versions": versions(),
+    }
+    write_manifest(index_dir, {"format_version": FORMAT_VERSION, "tokenize": result})
+    return result
+
+
+def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
+                       tokenizer: Tokenizer, progress):
+    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds)."""
     stats = ReadStats()
     started = time.perf_counter()
     shards: list[dict] = []
@@ -197,30 +231,10 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
     if pending:
         flush()
     if n_rows == 0:
-        shutil.rmtree(work, ignore_errors=True)
-        raise CorpusError(f"{corpus}: no documents with text "
+        raise CorpusError(f"{root}: no documents with text "
                           f"({stats.documents} read, {stats.empty_skipped} empty)")
-
-    seconds = time.perf_counter() - started
-    # Swap in the new tokens; what was built on the old ones is now stale.
-    for stale in (TOKENS_DIR, EMBEDDINGS_DIR):
-        shutil.rmtree(index_dir / stale, ignore_errors=True)
-    for stale in INDEX_OUTPUTS:
-        (index_dir / stale).unlink(missing_ok=True)
-    work.rename(index_dir / TOKENS_DIR)
-    result = {
-        **section,
-        "shards": shards,
-        "stats": {"files": stats.files, "documents": stats.documents,
-                  "empty_skipped": stats.empty_skipped,
-                  "undecodable_replaced": stats.undecodable_replaced,
-                  "rows": n_rows, "split_documents": split_docs, "tokens": n_tokens,
-                  "bytes": stats.bytes_read, "seconds": round(seconds, 3),
-                  "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2)},
-        "versions": versions(),
-    }
-    write_manifest(index_dir, {"format_version": FORMAT_VERSION, "tokenize": result})
-    return result
+    counts = {"rows": n_rows, "split_documents": split_docs, "tokens": n_tokens}
+    return shards, stats, counts, time.perf_counter() - started
 
 
 def versions() -> dict:
