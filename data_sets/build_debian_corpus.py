@@ -78,9 +78,7 @@ def read_index(path: Path) -> str:
 
             data = lz4.frame.decompress(data)
         except ImportError:
-            data = subprocess.run(
-                ["lz4cat", str(path)], check=True, capture_output=True
-            ).stdout
+            data = subprocess.run(["lz4cat", str(path)], check=True, capture_output=True).stdout
     return data.decode("utf-8", errors="replace")
 
 

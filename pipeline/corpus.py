@@ -173,7 +173,9 @@ def read_jsonl_file(path, compression, name, stats, text_field, id_field) -> Ite
 def read_delimited_file(path, compression, name, stats, text_field, id_field,
                         delimiter) -> Iterator[Document]:
     lines = (decode_line(raw, stats) for raw in iter_raw_lines(path, compression, stats))
-    reader = csv.reader(lines, delimiter=delimiter)
+    # TSV has no quoting convention (a field may start with a quote); CSV follows RFC 4180.
+    reader = csv.reader(lines, delimiter=delimiter,
+                        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
     header = next(reader, None)
     if header is None:
         return
