@@ -150,7 +150,7 @@ def embed(
 
     from .shards import write_vectors_table
 
-    with tqdm(total=len(rows), unit="text", desc="embed", file=sys.stderr) as bar:
+    with tqdm(total=len(rows), unit="text", desc="embed", file=sys.stderr, delay=1) as bar:
         vectors = enc.embed_token_lists(enc.tokenizer.encode_batch([t for _, t in rows]),
                                         batch_tokens, progress=bar)
     write_vectors_table(out, [i for i, _ in rows], [t for _, t in rows], vectors,
@@ -222,7 +222,8 @@ def tokenize(
     from .tokenize_corpus import TokenizeSettings, run_tokenize
 
     settings = TokenizeSettings(text_field, id_field, max_tokens, overlap, shard_rows)
-    with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr) as bar:
+    # delay: a run that fails at once prints its one error line and no empty bar
+    with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
         result = run_tokenize(corpus, index, settings, progress=bar, force=force)
     stats = result["stats"]
     if result.get("skipped"):
@@ -252,10 +253,8 @@ def build_index(
 
     if not 0 < target_recall <= 1:
         raise UsageError("--target-recall must be in (0, 1]")
-    info = run_build_index(index, index_key, target_recall, force, err_console)
-    err_console.print(f"index {info['key']} over {info['n']:,} vectors of {info['dim']} dims: "
-                      f"recall@10 {info['recall_at_10']:.3f} (target {target_recall})",
-                      highlight=False)
+    run_build_index(index, index_key=index_key, target_recall=target_recall, force=force,
+                    console=err_console)  # prints its own summary
 
 
 @app.command()

@@ -104,7 +104,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     todo = [s for s in shards if s["name"] not in done]
     total_rows = sum(s["rows"] for s in todo)
     started, n_tokens = time.perf_counter(), 0
-    with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
+    with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,
               disable=total_rows == 0) as bar:
         for shard in todo:
             table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])

@@ -1,0 +1,230 @@
+"""The staged pipeline end to end on small corpora: tokenize -> embed -> build-index -> search,
+as users run it (CLI, and real subprocesses where signals matter)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.encoder import Encoder
+from pipeline.search import merge_chunk_hits
+from pipeline.shards import load_vectors, read_manifest
+
+runner = CliRunner()
+TINY = ["--model", "random:gpt2-tiny", "--device", "cpu"]
+TOPICS = {
+    "cooking": "recipe for baking bread with flour yeast and butter in the oven",
+    "space": "rocket launch to orbit the moon with astronauts and satellites",
+    "music": "guitar and piano concert with a singer and a drum solo",
+}
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def ok(*args):
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def make_corpus(path, n=300, long_every=0):
+    rng = np.random.default_rng(0)
+    names = list(TOPICS)
+    with open(path, "w") as fh:
+        for i in range(n):
+            topic = names[i % 3]
+            words = TOPICS[topic].split()
+            text = " ".join(rng.choice(words, size=rng.integers(4, 14)))
+            if long_every and i % long_every == 0:
+                text = " ".join([text] * 40)  # several hundred tokens: split into windows
+            fh.write(json.dumps({"id": f"{topic}-{i}", "text": text}) + "\n")
+            if i % 50 == 7:
+                fh.write(json.dumps({"id": f"empty-{i}", "text": "   "}) + "\n")
+
+
+def build(tmp_path, name="idx", n=300, long_every=0, **kw):
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, n, long_every)
+    index = tmp_path / name
+    ok("tokenize", corpus, "--index", index, "--max-tokens", 64, "--overlap", 8,
+       "--shard-rows", kw.get("shard_rows", 100))
+    ok("embed", "--index", index, *TINY)
+    ok("build-index", "--index", index)
+    return corpus, index
+
+
+def test_stages_write_what_the_manifest_says(tmp_path):
+    corpus, index = build(tmp_path, long_every=25)
+    manifest = read_manifest(index)
+    tok = manifest["tokenize"]
+    assert tok["stats"]["empty_skipped"] == 6
+    assert tok["stats"]["split_documents"] == 12
+    rows = sum(s["rows"] for s in tok["shards"])
+    tables = [pq.read_table(index / "tokens" / s["name"]) for s in tok["shards"]]
+    assert [t.num_rows for t in tables] == [s["rows"] for s in tok["shards"]]
+    allrows = np.concatenate([t["row"].to_numpy() for t in tables])
+    np.testing.assert_array_equal(allrows, np.arange(rows))
+    # Windows of a long document: chunk numbers, spans with the asked overlap, <= max tokens.
+    t0 = tables[0].to_pylist()
+    long_doc = [r for r in t0 if r["doc_id"] == "cooking-0"]
+    assert [r["chunk"] for r in long_doc] == list(range(len(long_doc))) and len(long_doc) > 1
+    for a, b in zip(long_doc, long_doc[1:], strict=False):
+        assert a["end"] - b["start"] == 8
+    assert all(len(r["tokens"]) == r["end"] - r["start"] <= 64 for r in t0)
+    # Embeddings: unit vectors, equal to embedding each row's tokens directly.
+    emb = manifest["embed"]
+    assert emb["identity"]["model"] == "random:gpt2-tiny:0" and emb["dtype"] == "float32"
+    vectors = load_vectors(index)
+    assert vectors.shape == (rows, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    enc = Encoder.load("random:gpt2-tiny", device="cpu")
+    direct = enc.embed_token_lists([r["tokens"] for r in t0[:20]])
+    np.testing.assert_allclose(vectors[:20], direct, atol=1e-5)
+    info = json.loads((index / "index.json").read_text())
+    assert info["n"] == rows and info["dim"] == 32
+
+
+def test_search_finds_the_topic_and_merges_windows(tmp_path):
+    _, index = build(tmp_path, long_every=10)
+    result = ok("search", "rocket launch to orbit the moon", "--index", index, "-k", 5,
+                "--json", "--device", "cpu")
+    hits = json.loads(result.stdout)["hits"]
+    assert len(hits) == 5
+    assert len({h["doc_id"] for h in hits}) == 5  # one hit per document
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    # Exact reference: the best document by brute force over all rows.
+    vectors = load_vectors(index)
+    enc = Encoder.load("random:gpt2-tiny", device="cpu")
+    q = enc.embed_texts(["rocket launch to orbit the moon"])[0]
+    assert hits[0]["row"] == int(np.argmax(vectors @ q))
+    assert hits[0]["score"] == pytest.approx(float(np.max(vectors @ q)), abs=1e-5)
+    table = ok("search", "guitar concert", "--index", index, "--device", "cpu").stdout
+    assert "rank" in table and "score" in table
+
+
+def test_batch_queries_to_parquet(tmp_path):
+    _, index = build(tmp_path)
+    queries = tmp_path / "queries.txt"
+    queries.write_text("bread in the oven\npiano concert\n")
+    out = tmp_path / "results.parquet"
+    ok("search", "--queries", queries, "--out", out, "--index", index, "-k", 3,
+       "--device", "cpu")
+    table = pq.read_table(out).to_pylist()
+    assert [r["query_id"] for r in table] == [1, 1, 1, 2, 2, 2]
+    assert [r["rank"] for r in table] == [1, 2, 3] * 2
+
+
+def test_merge_chunk_hits():
+    rows = [5, 6, 9, 2, -1]
+    scores = [0.9, 0.8, 0.7, 0.6, -1]
+    docs = ["a", "a", "b", "c", ""]
+    assert merge_chunk_hits(rows, scores, docs, 10) == [(5, 0.9), (9, 0.7), (2, 0.6)]
+    assert merge_chunk_hits(rows, scores, docs, 2) == [(5, 0.9), (9, 0.7)]
+
+
+def test_stages_skip_when_current(tmp_path):
+    corpus, index = build(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (index / "embeddings").iterdir()}
+    assert "current" in ok("tokenize", corpus, "--index", index, "--max-tokens", 64,
+                           "--overlap", 8, "--shard-rows", 100).stderr
+    assert "current" in ok("embed", "--index", index, *TINY).stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (index / "embeddings").iterdir()}
+    assert before == after
+
+
+def test_float16_halves_the_vectors(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    make_corpus(corpus, 60)
+    for dtype in ("float32", "float16"):
+        ok("tokenize", corpus, "--index", tmp_path / dtype, "--max-tokens", 64)
+        ok("embed", "--index", tmp_path / dtype, "--dtype", dtype, *TINY)
+    v32, v16 = load_vectors(tmp_path / "float32"), load_vectors(tmp_path / "float16")
+    np.testing.assert_allclose(v16, v32, atol=2e-3)
+    t16 = pq.read_table(tmp_path / "float16" / "embeddings" / "part-00000.parquet")
+    assert str(t16.schema.field("embedding").type.value_type) == "halffloat"
+
+
+def test_search_refuses_another_model(tmp_path):
+    _, index = build(tmp_path)
+    result = cli("search", "bread", "--index", index, "--model", "random:gpt2-tiny:1")
+    assert result.exit_code == 1 and "another model" in result.stderr
+    result = cli("embed", "--index", index, "--model", "random:gpt2-tiny:1")
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ["tokenize", "{tmp}/missing.txt", "--index", "{tmp}/i"], "no such file"),
+    ("empty", ["tokenize", "{tmp}/empty.txt", "--index", "{tmp}/i"], "no documents"),
+    ("junk", ["tokenize", "{tmp}/junk.txt", "--index", "{tmp}/i"], "does not look like text"),
+    ("csv", ["tokenize", "{tmp}/t.csv", "--index", "{tmp}/i", "--text-column", "body"],
+     "no column 'body'"),
+    (None, ["embed", "--index", "{tmp}/nothing"], "run `pipeline tokenize` first"),
+    (None, ["search", "x", "--index", "{tmp}/nothing"], "run `pipeline tokenize` first"),
+])
+def test_bad_input_leaves_nothing_behind(tmp_path, setup, args, message):
+    if setup == "empty":
+        (tmp_path / "empty.txt").write_text("\n  \n\n")
+    elif setup == "junk":
+        (tmp_path / "junk.txt").write_bytes(os.urandom(100_000))
+    elif setup == "csv":
+        (tmp_path / "t.csv").write_text("id,text\n1,hello\n")
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    index = tmp_path / "i"
+    assert not (index / "manifest.json").exists() and not (index / "tokens").exists()
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_embed_resumes_to_identical_result(tmp_path, sig):
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 1500)
+    model = ["--model", "random:gpt2-mini", "--device", "cpu"]
+    for name in ("clean", "killed"):
+        ok("tokenize", corpus, "--index", tmp_path / name, "--shard-rows", 100)
+    ok("embed", "--index", tmp_path / "clean", *model)
+
+    proc = run_cli("embed", "--index", tmp_path / "killed", *model)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until some, not all, shards are done
+        done = json.loads(manifest.read_text()).get("embed", {}).get("shards", {})
+        if len(done) >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "embed finished before it could be interrupted"
+    done = json.loads(manifest.read_text())["embed"]["shards"]
+    assert 0 < len(done) < 15
+
+    ok("embed", "--index", tmp_path / "killed", *model)
+    for name in ("clean", "killed"):
+        ok("build-index", "--index", tmp_path / name)
+    for shard in sorted((tmp_path / "clean" / "embeddings").glob("*.parquet")):
+        a = pq.read_table(shard)
+        b = pq.read_table(tmp_path / "killed" / "embeddings" / shard.name)
+        assert a.equals(b), shard.name
+    assert not list((tmp_path / "killed" / "embeddings").glob("*.tmp"))
+    assert (tmp_path / "clean" / "index.faiss").read_bytes() == \
+        (tmp_path / "killed" / "index.faiss").read_bytes()
+    rows = load_vectors(tmp_path / "killed").shape[0]
+    assert rows == read_manifest(tmp_path / "killed")["tokenize"]["stats"]["rows"] == 1500
