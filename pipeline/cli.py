@@ -112,6 +112,9 @@ def embed(
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = 16384,
     overwrite: Annotated[bool, typer.Option(
         help="With --index: discard embeddings made with another model or dtype.")] = False,
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")]
+    = "auto",
 ):
     """Embed a sentence (JSON, as the seed), a file of lines (Parquet), or an index's shards."""
     check_pooling(pooling)
@@ -122,7 +125,8 @@ def embed(
         from .embed import run_embed
 
         section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
-                            batch_tokens=batch_tokens, overwrite=overwrite, console=err_console)
+                            batch_tokens=batch_tokens, overwrite=overwrite,
+                            precision=precision, console=err_console)
         stats = section["stats"]
         if stats["rows"] == 0:
             err_console.print(f"embeddings in {index} are current: skipped")
@@ -133,7 +137,7 @@ def embed(
         return
     if sentence is not None:
         require_text(sentence, "--sentence")
-        enc = Encoder.load(model, device, pooling)
+        enc = Encoder.load(model, device, pooling, precision)
         vector = enc.embed_texts([sentence])[0]
         typer.echo(json.dumps({"sentence": sentence, "embedding": vector.tolist(),
                                "dimensions": int(vector.shape[0]), "model": enc.spec,
@@ -145,7 +149,7 @@ def embed(
     rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not rows:
         raise UsageError(f"{file} has no non-empty lines")
-    enc = Encoder.load(model, device, pooling)
+    enc = Encoder.load(model, device, pooling, precision)
     from tqdm import tqdm
 
     from .shards import write_vectors_table

@@ -63,7 +63,7 @@ def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int
 
 def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,
               pooling: str | None = None, dtype: str = "float32", batch_tokens: int = 16384,
-              overwrite: bool = False, console=None) -> dict:
+              overwrite: bool = False, precision: str = "auto", console=None) -> dict:
     """Embed every token shard not yet recorded as done; returns the manifest's embed section."""
     from tqdm import tqdm
 
@@ -77,7 +77,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     previous = manifest.get("embed", {})
     if model is None and previous.get("identity") and not overwrite:
         model = previous["identity"]["model"]  # resume with the model the index started with
-    encoder = Encoder.load(model, device, pooling)
+    encoder = Encoder.load(model, device, pooling, precision)
     max_tokens = manifest["tokenize"]["settings"]["max_tokens"]
     if max_tokens > encoder.max_tokens:
         raise IndexFolderError(f"tokens were cut to {max_tokens} but {encoder.spec} reads at "
@@ -97,7 +97,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
         if not path.is_file() or file_sha256(path) != record["sha256"]:
             del done[name]
     section = {"identity": encoder.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
-               "device": str(encoder.device), "shards": done}
+               "device": str(encoder.device), "precision": encoder.precision, "shards": done}
     manifest["embed"] = section
     write_manifest(index_dir, manifest)
 
