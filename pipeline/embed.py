@@ -54,11 +54,14 @@ def check_model_matches(manifest: dict, encoder: Encoder, index_dir: Path) -> No
 def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int,
                 progress=None) -> tuple[pa.Table, int]:
     """One token shard -> its embedding table (same rows, same order) and its token count."""
-    token_lists = table["tokens"].to_pylist()
-    vectors = encoder.embed_token_lists(token_lists, batch_tokens, progress=progress)
+    tokens = table["tokens"].combine_chunks()  # Arrow list: flat values + offsets, no copies
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    values = tokens.values.to_numpy()[offsets[0]:offsets[-1]]
+    offsets -= offsets[0]
+    vectors = encoder.embed_flat(values, offsets, batch_tokens, progress=progress)
     out = pa.table({"row": table["row"], "doc_id": table["doc_id"], "chunk": table["chunk"],
                     "embedding": vectors_to_arrow(vectors.astype(DTYPES[dtype]))})
-    return out, sum(len(t) for t in token_lists)
+    return out, int(offsets[-1])
 
 
 def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,

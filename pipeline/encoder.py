@@ -126,6 +126,20 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int,
     return batches
 
 
+def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) row ranges of at most max_batch_tokens real tokens each (no padding
+    when packed, so order does not matter); a longer single row gets a range of its own."""
+    ranges, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and total + n > max_batch_tokens:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += int(n)
+    if len(lengths) > start:
+        ranges.append((start, len(lengths)))
+    return ranges
+
+
 def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
     """Right-pad to (B, T) int64 ids and mask (1 = real token)."""
     T = max(max((len(t) for t in token_lists), default=1), 1)
@@ -191,13 +205,54 @@ class Encoder:
                           max_batch_tokens: int = 16384,
                           progress: Iterable | None = None) -> np.ndarray:
         """Vectors in input order; lists longer than the context are truncated."""
-        token_lists = [list(t[: self.max_tokens]) for t in token_lists]
+        lengths = np.array([min(len(t), self.max_tokens) for t in token_lists], dtype=np.int64)
+        offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter((x for t, n in zip(token_lists, lengths, strict=True)
+                              for x in t[:n]), dtype=np.int32, count=int(offsets[-1]))
+        return self.embed_flat(values, offsets, max_batch_tokens, progress)
+
+    def embed_flat(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int = 16384,
+                   progress=None) -> np.ndarray:
+        """Sequences given Arrow-style (flat token ids, offsets) -> (n, dim) float32 vectors.
+
+        On CUDA in bf16, sequences are packed back to back without padding (flash attention's
+        variable-length kernel); elsewhere they are padded in length-sorted batches.
+        """
+        if self.device.type == "cuda" and self.precision == "bf16":
+            return self._embed_packed(values, offsets, max_batch_tokens, progress)
+        token_lists = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
         out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
         for batch in plan_batches([len(t) for t in token_lists], max_batch_tokens):
             out[batch] = self.embed_batch([token_lists[i] for i in batch])
             if progress is not None:
                 progress.update(len(batch))
         return out
+
+    @torch.inference_mode()
+    def _embed_packed(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int,
+                      progress=None) -> np.ndarray:
+        n = len(offsets) - 1
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        lengths = np.diff(offsets)
+        # One host-to-device copy per call; batches are then slices on the GPU, and the
+        # only synchronisation is the copy of all results at the end.
+        ids = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
+        offs = torch.from_numpy(offsets.astype(np.int32)).pin_memory()
+        offs = offs.to(self.device, non_blocking=True)
+        out = torch.empty((n, self.dim), device=self.device, dtype=torch.float32)
+        with self._autocast():
+            for a, b in plan_packed_batches(lengths, max_batch_tokens):
+                cu = offs[a:b + 1] - offs[a]
+                batch_ids = ids[offsets[a]:offsets[b]]
+                out[a:b] = self.model.embed_packed(batch_ids, cu, int(lengths[a:b].max()),
+                                                   self.pooling)
+                if progress is not None:
+                    progress.update(b - a)
+        return out.cpu().numpy()
 
     def embed_texts(self, texts: Sequence[str], max_batch_tokens: int = 16384) -> np.ndarray:
         return self.embed_token_lists(self.tokenizer.encode_batch(texts), max_batch_tokens)

@@ -93,6 +93,21 @@ class SelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                       causal: bool) -> torch.Tensor:
+        """x (N, C): the tokens of many sequences back to back, no padding (CUDA only).
+
+        Flash attention's variable-length kernel attends within each [cu[i], cu[i+1]) segment,
+        so no compute is spent on pads and no mask is built.
+        """
+        N, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).view(N, 3, self.n_head, hs).unbind(1)  # each (N, nh, hs)
+        y = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, causal, False)[0]
+        return self.c_proj(y.reshape(N, C))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -113,6 +128,10 @@ class Block(nn.Module):
 
     def forward(self, x, attn_mask, causal: bool):
         x = x + self.attn(self.ln_1(x), attn_mask, causal)  # pre-LayerNorm, as GPT-2
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_packed(self, x, cu_seqlens, max_len: int, causal: bool):
+        x = x + self.attn.forward_packed(self.ln_1(x), cu_seqlens, max_len, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,6 +189,27 @@ class GPT2Model(nn.Module):
             x = block(x, attn_mask, causal)
         return self.ln_f(x)
 
+    def embed_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     pooling: str | None = None) -> torch.Tensor:
+        """Sequences packed back to back (N,) with boundaries cu_seqlens (B+1,) int32 -> (B, D)
+        unit vectors. The GPU fast path: the same function as `embed` without padding."""
+        n_seq = cu_seqlens.numel() - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+        seq_of_token = torch.repeat_interleave(torch.arange(n_seq, device=input_ids.device),
+                                               lengths, output_size=input_ids.numel())
+        positions = torch.arange(input_ids.numel(), device=input_ids.device) - \
+            cu_seqlens[:-1].long()[seq_of_token]
+        x = self.wte(input_ids) + self.wpe(positions)  # (N, C)
+        causal = self.config.attention == "causal"
+        for block in self.h:
+            x = block.forward_packed(x, cu_seqlens, max_len, causal)
+        x = self.ln_f(x)
+        pooled = pool_packed(x, seq_of_token, positions, cu_seqlens, lengths,
+                             pooling or self.config.pooling)
+        if self.proj is not None:
+            pooled = self.proj(pooled.to(self.proj.weight.dtype))
+        return F.normalize(pooled.float(), dim=-1)
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               pooling: str | None = None, normalize: bool = True) -> torch.Tensor:
         """Pooled (and by default L2-normalised) sentence vectors, (B, output_dim)."""
@@ -197,6 +237,27 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
         return hidden.masked_fill(m == 0, float("-inf")).amax(1)
     if method == "first":
         return hidden[:, 0]
+    raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
+
+
+def pool_packed(x: torch.Tensor, seq_of_token: torch.Tensor, positions: torch.Tensor,
+                cu_seqlens: torch.Tensor, lengths: torch.Tensor, method: str) -> torch.Tensor:
+    """`pool` for packed (N, C) states: segment sums instead of masks."""
+    n_seq, C = lengths.numel(), x.shape[1]
+    if method in ("mean", "weighted-mean"):
+        w = (positions + 1).to(torch.float32) if method == "weighted-mean" else \
+            torch.ones_like(positions, dtype=torch.float32)
+        sums = torch.zeros(n_seq, C, device=x.device, dtype=torch.float32)
+        sums.index_add_(0, seq_of_token, x.float() * w[:, None])
+        norm = torch.zeros(n_seq, device=x.device).index_add_(0, seq_of_token, w)
+        return sums / norm.clamp(min=1)[:, None]
+    if method == "last":
+        return x[cu_seqlens[1:].long() - 1].float()
+    if method == "first":
+        return x[cu_seqlens[:-1].long()].float()
+    if method == "max":
+        out = torch.full((n_seq, C), float("-inf"), device=x.device, dtype=torch.float32)
+        return out.scatter_reduce(0, seq_of_token[:, None].expand(-1, C), x.float(), "amax")
     raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
 
 

@@ -149,3 +149,35 @@ def test_presets_have_gpt2_shapes():
     assert 124_000_000 < n < 124_600_000
     with pytest.raises(ValueError, match="context"):
         random_model("gpt2-tiny")(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_packed_pooling_equals_padded_pooling(pooling):
+    """The GPU path pools packed (N, C) states; it must equal pooling the padded batch."""
+    from pipeline.model import pool_packed
+
+    tokens = random_token_lists(11, n=6, max_len=25)
+    lengths = torch.tensor([len(t) for t in tokens])
+    hidden_padded = torch.randn(len(tokens), int(lengths.max()), 8)
+    _, mask = pad_batch(tokens)
+    packed = hidden_padded[mask.bool()]  # (N, C), sequences back to back
+    cu = torch.zeros(len(tokens) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
+    positions = torch.arange(packed.shape[0]) - cu[:-1].long()[seq_of_token]
+    got = pool_packed(packed, seq_of_token, positions, cu, lengths, pooling)
+    torch.testing.assert_close(got, pool(hidden_padded, mask, pooling))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_packed_batches_cover_rows_within_budget(seed):
+    from pipeline.encoder import plan_packed_batches
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300, (int(torch.randint(0, 200, (1,), generator=g)),),
+                            generator=g).tolist()
+    budget = 1000
+    ranges = plan_packed_batches(lengths, budget)
+    assert [i for a, b in ranges for i in range(a, b)] == list(range(len(lengths)))
+    for a, b in ranges:
+        assert sum(lengths[a:b]) <= budget or b - a == 1
