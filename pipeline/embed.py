@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,21 +108,50 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     todo = [s for s in shards if s["name"] not in done]
     total_rows = sum(s["rows"] for s in todo)
     started, n_tokens = time.perf_counter(), 0
-    with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,
-              disable=total_rows == 0) as bar:
-        for shard in todo:
-            table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
+    timings = {"read_s": 0.0, "embed_s": 0.0, "write_s": 0.0}
+
+    def read(shard):
+        t = time.perf_counter()
+        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
+        timings["read_s"] += time.perf_counter() - t
+        return table
+
+    def write(shard, out):
+        t = time.perf_counter()
+        path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"])
+        record = {"rows": out.num_rows, "sha256": file_sha256(path)}
+        timings["write_s"] += time.perf_counter() - t
+        return shard["name"], record
+
+    def commit(future):
+        name, record = future.result()
+        done[name] = record  # `done` is inside `manifest`: record only finished files
+        write_manifest(index_dir, manifest)
+
+    # Reading shard k+1 and writing shard k-1 overlap the model's work on shard k.
+    with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
+              delay=1, disable=total_rows == 0) as bar, ThreadPoolExecutor(2) as io:
+        next_table = io.submit(read, todo[0]) if todo else None
+        pending_write = None
+        for k, shard in enumerate(todo):
+            table = next_table.result()
+            if k + 1 < len(todo):
+                next_table = io.submit(read, todo[k + 1])
+            t = time.perf_counter()
             out, shard_tokens = embed_shard(encoder, table, dtype, batch_tokens, progress=bar)
-            path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"])
+            timings["embed_s"] += time.perf_counter() - t
             n_tokens += shard_tokens
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(tok_s=f"{n_tokens / elapsed:,.0f}")
-            done[shard["name"]] = {"rows": out.num_rows, "sha256": file_sha256(path)}
-            write_manifest(index_dir, manifest)  # `done` is inside `manifest`
+            if pending_write is not None:
+                commit(pending_write)
+            pending_write = io.submit(write, shard, out)
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+        if pending_write is not None:
+            commit(pending_write)
     elapsed = time.perf_counter() - started
     section["stats"] = {"rows": total_rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
                         "docs_per_s": round(total_rows / max(elapsed, 1e-9), 1),
                         "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
-                        "skipped_shards": len(shards) - len(todo)}
+                        "skipped_shards": len(shards) - len(todo),
+                        **{k: round(v, 3) for k, v in timings.items()}}
     write_manifest(index_dir, manifest)
     return section
