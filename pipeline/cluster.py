@@ -1,0 +1,678 @@
+"""Spherical k-means over an index folder's vectors, and the cluster report.
+
+Memory stays bounded by streaming the embedding shards: k-means trains on a uniform random
+sample (`sample` rows), then every shard is assigned to its nearest centroid in turn; only
+per-row labels and similarities (a few bytes a row) are kept for the whole corpus. The
+near-duplicate search compares shards pairwise with FAISS range search, so it holds at most
+two shards at a time.
+
+Outputs (in the report folder, or `INDEX/clusters/` without one):
+    clusters.parquet  row, id (doc_id), chunk, cluster, similarity (cosine to its centroid)
+    centroids.npy     (k, dim) float32, unit length; row c is cluster c
+    clusters.json     settings, sizes, cohesion, the k curve, timings, the vectors' identity
+    report.html, report.md, *.png, near_duplicates.parquet   (with a report folder only)
+
+Clusters are numbered by size, largest first, so cluster 0 is the biggest in every output.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import report as rpt
+from .shards import (
+    EMBEDDINGS_DIR,
+    TOKENS_DIR,
+    arrow_to_vectors,
+    atomic_write_json,
+    atomic_write_table,
+    iter_vector_shards,
+    read_rows,
+    require_embeddings,
+    token_shards,
+    total_rows,
+)
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FILE = "clusters.parquet"
+CENTROIDS_FILE = "centroids.npy"
+SUMMARY_FILE = "clusters.json"
+DUPLICATES_FILE = "near_duplicates.parquet"
+
+NITER = 25  # faiss's default; spherical k-means on text embeddings settles well before
+# Lloyd's iterations cannot move a centroid across a gap between well-separated groups, so a
+# bad start (two seeds in one group) stays bad: random seeding of 8 equal groups almost always
+# is one. k-means++ seeding, best of NREDO runs, recovered such groups in 150 of 150 trials.
+NREDO = 3
+SELECT_TRAIN_ROWS = 20_000  # k-means runs per candidate k during `-k auto`
+SILHOUETTE_ROWS = 4_000  # silhouette is quadratic in rows: 4k rows = 16M pairs per k
+MAP_ROWS = 6_000  # points on the 2-D map; more only blurs it
+REPRESENTATIVES = 5
+TOP_WORDS = 10
+NEIGHBOURS = 3
+DUPLICATE_GROUPS_SHOWN = 20
+MAX_DUPLICATE_PAIRS = 2_000_000  # a threshold so low that it finds more is a mistake
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: vectors and labels in, numbers out
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Float32 copy with unit-length rows (stored vectors may be float16, so not exactly 1)."""
+    x = np.array(x, dtype=np.float32, order="C")
+    faiss.normalize_L2(x)
+    return x
+
+
+@contextmanager
+def _threads_for(multiply_adds: float):
+    """Run small faiss calls on one thread. OpenMP's start-up and spin-waiting cost more than
+    a small problem takes, and on a busy machine far more: selecting k for 480 points took
+    10 s with 2 threads and 0.05 s with one while another process held the CPUs."""
+    if multiply_adds >= 1e7:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _flat_ip(dim: int):
+    index = faiss.IndexFlatIP(dim)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def train_spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = NITER,
+                           nredo: int = NREDO) -> np.ndarray:
+    """(k, dim) unit-length centroids of the unit-length rows of x (cosine k-means)."""
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k={k} needs between 1 and {len(x)} clusters (the rows there are)")
+    options = {"niter": niter, "nredo": nredo, "seed": seed, "spherical": True,
+               # only gates a warning printed from C++ for small inputs
+               "min_points_per_centroid": 1}
+    if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # older faiss: random seeds
+        options["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    km = faiss.Kmeans(x.shape[1], k, gpu=faiss.get_num_gpus() > 0, **options)
+    with _threads_for(x.size * k):
+        km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return normalize(km.centroids)
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int32, cosine similarity float32) of each unit-length row's nearest centroid."""
+    index = _flat_ip(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    with _threads_for(x.size * len(centroids)):
+        sims, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return ids[:, 0].astype(np.int32), sims[:, 0]
+
+
+def silhouette_cosine(x: np.ndarray, labels: np.ndarray, block: int = 1024) -> float:
+    """Mean silhouette with cosine distance (1 - x.y) of unit-length rows.
+
+    For each point, a = mean distance to the other members of its cluster and b = the
+    smallest mean distance to another cluster; s = (b - a) / max(a, b), 0 for singletons
+    (as in scikit-learn). Per-cluster distance sums come from one matrix product per block
+    of rows against a one-hot label matrix, so nothing loops over pairs in Python.
+    """
+    labels = np.asarray(labels)
+    ids, labels = np.unique(labels, return_inverse=True)
+    if len(ids) < 2:
+        return float("nan")
+    n = len(x)
+    onehot = np.zeros((n, len(ids)), np.float64)
+    onehot[np.arange(n), labels] = 1
+    counts = onehot.sum(0)
+    scores = np.zeros(n)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        dist = 1.0 - x[lo:hi].astype(np.float64) @ x.T.astype(np.float64)  # (b, n)
+        np.clip(dist, 0, None, out=dist)
+        sums = dist @ onehot  # (b, clusters): total distance to each cluster
+        own = labels[lo:hi]
+        rows = np.arange(hi - lo)
+        own_count = counts[own]
+        # The point's distance to itself is ~0 but may round to a tiny number: remove it.
+        a = (sums[rows, own] - dist[rows, np.arange(lo, hi)]) / np.maximum(own_count - 1, 1)
+        mean_other = sums / counts
+        mean_other[rows, own] = np.inf
+        b = mean_other.min(1)
+        s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+        scores[lo:hi] = np.where(own_count > 1, s, 0.0)
+    return float(scores.mean())
+
+
+def auto_k_candidates(n: int, k_min: int = 2, k_max: int | None = None) -> list[int]:
+    """The k to try: every k up to 10, where one more cluster changes the picture, then a
+    geometric grid (about 10 steps) up to k_max.
+
+    The default top, sqrt(n) capped at 100, keeps clusters big enough to read: a report of
+    hundreds of clusters is not something a person looks through.
+    """
+    if k_max is None:
+        k_max = min(100, int(math.sqrt(n)))
+    k_max = max(k_min, min(k_max, n - 1))
+    small = range(k_min, min(k_max, 10) + 1)
+    large = np.geomspace(10, k_max, 11) if k_max > 10 else []
+    return sorted({*small, *(int(round(k)) for k in large)})
+
+
+def choose_k(curve: Sequence[tuple[int, float]]) -> int:
+    """The k of the highest score; on a tie, the smaller k (fewer clusters read easier)."""
+    valid = [(k, s) for k, s in curve if not math.isnan(s)]
+    if not valid:
+        raise ValueError("no k could be scored")
+    return min(valid, key=lambda ks: (-ks[1], ks[0]))[0]
+
+
+def size_order(labels: np.ndarray, k: int) -> np.ndarray:
+    """new_id[old_id]: clusters renumbered by size, largest first (stable on ties)."""
+    sizes = np.bincount(labels, minlength=k)
+    order = np.argsort(-sizes, kind="stable")
+    new_id = np.empty(k, np.int32)
+    new_id[order] = np.arange(k, dtype=np.int32)
+    return new_id
+
+
+def top_rows_per_cluster(labels: np.ndarray, sims: np.ndarray, k: int,
+                         m: int) -> list[np.ndarray]:
+    """Per cluster, the (up to) m rows most similar to its centroid, most similar first."""
+    order = np.lexsort((-sims, labels))  # by cluster, then by similarity descending
+    starts = np.searchsorted(labels[order], np.arange(k + 1))
+    return [order[starts[c]: min(starts[c] + m, starts[c + 1])] for c in range(k)]
+
+
+def cluster_neighbours(centroids: np.ndarray, m: int) -> list[list[tuple[int, float]]]:
+    """Per cluster, the m other clusters whose centroids are most similar (cosine)."""
+    sims = centroids @ centroids.T
+    np.fill_diagonal(sims, -np.inf)
+    m = min(m, len(centroids) - 1)
+    out = []
+    for row in sims:
+        best = np.argsort(-row, kind="stable")[:m]
+        out.append([(int(j), float(row[j])) for j in best])
+    return out
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """(n, 2) projection on the two leading principal axes (SVD of the centred rows)."""
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def umap_2d(x: np.ndarray, seed: int) -> np.ndarray:
+    try:
+        import umap
+    except ImportError:
+        raise ValueError("--projection umap needs umap-learn: pip install 'pipeline[umap]'"
+                         ) from None
+    # random_state makes it reproducible and single-threaded (n_jobs=1 says so, silencing
+    # umap-learn's warning about it)
+    return umap.UMAP(n_components=2, metric="cosine", random_state=seed,
+                     n_jobs=1).fit_transform(x)
+
+
+def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
+    """Hubert & Arabie's ARI of two labelings: 1 = same partition, ~0 = chance agreement."""
+    _, a = np.unique(np.asarray(a), return_inverse=True)
+    _, b = np.unique(np.asarray(b), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1), np.int64)
+    np.add.at(table, (a, b), 1)
+
+    def pairs(counts):
+        return float((counts * (counts - 1) // 2).sum())
+
+    index = pairs(table)
+    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(np.array([len(a)]))
+    maximum = (rows + cols) / 2
+    if maximum == expected:  # both partitions trivial (one cluster, or all singletons)
+        return 1.0
+    return (index - expected) / (maximum - expected)
+
+
+# Words, not BPE pieces: a lowercase word may join letters, digits and inner hyphens
+# ("command-line", "x11", "python3"); it must start with a letter, so numbers drop out.
+WORD_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+STOP_WORD_TEXT = """
+a about above after again against all almost also although am among an and another any are
+aren as at be because been before being below between both but by can cannot could couldn
+did didn do does doesn doing don down during each either else etc even ever every few for
+from further had has hasn have haven having he her here hers herself him himself his how
+however i ie if in into is isn it its itself just least less let like ll many may me might
+more most much must my myself neither no nor not now of off often on once one only or other
+others otherwise our ours ourselves out over own per rather re same shall she should
+shouldn since so some such than that the their theirs them themselves then there therefore
+these they this those though through thus to too under until up upon us use used uses using
+ve very via was wasn we well were weren what when where whether which while who whom whose
+why will with within without would wouldn yet you your yours yourself yourselves
+"""
+STOP_WORDS = frozenset(STOP_WORD_TEXT.split())
+
+
+def words(text: str) -> list[str]:
+    """Lowercase words of at least 2 characters, stop words removed."""
+    return [w for w in WORD_RE.findall(text.lower()) if len(w) > 1 and w not in STOP_WORDS]
+
+
+def class_tfidf(counts: Sequence[Counter], top: int = TOP_WORDS) -> list[list[tuple[str, float]]]:
+    """Most distinctive words per class by class-based TF-IDF (as in BERTopic).
+
+    All documents of a class are one document: weight(t, c) = tf(t, c) * log(1 + A / f(t)),
+    with tf the word's share of the class's words, f(t) its count over all classes and A
+    the mean number of words per class. A word frequent in one class and rare elsewhere
+    wins; one frequent everywhere (a corpus-wide stop word) scores low everywhere.
+    """
+    overall: Counter = Counter()
+    for c in counts:
+        overall.update(c)
+    sizes = [sum(c.values()) for c in counts]
+    nonempty = [s for s in sizes if s]
+    if not nonempty:
+        return [[] for _ in counts]
+    mean_words = sum(nonempty) / len(nonempty)
+    out = []
+    for c, size in zip(counts, sizes, strict=True):
+        scores = ((n / size * math.log(1 + mean_words / overall[w]), w) for w, n in c.items())
+        out.append([(w, s) for s, w in heapq.nlargest(top, scores)])
+    return out
+
+
+def range_pairs(query: np.ndarray, query_first: int, base: np.ndarray, base_first: int,
+                threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of global rows with cosine >= threshold between two blocks of rows.
+
+    FAISS's exact inner-product range search finds them without listing all pairs; keeping
+    only i < j drops self-matches and, for a block against itself, each pair's mirror.
+    """
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(np.ascontiguousarray(base, dtype=np.float32))
+    with _threads_for(query.size * len(base)):
+        lims, sims, ids = index.range_search(np.ascontiguousarray(query, dtype=np.float32),
+                                             float(threshold))
+    i = np.repeat(np.arange(len(query), dtype=np.int64), np.diff(lims).astype(np.int64))
+    i += query_first
+    j = ids.astype(np.int64) + base_first
+    keep = i < j
+    return i[keep], j[keep], sims[keep]
+
+
+def group_pairs(i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
+    """Connected groups of rows linked by pairs (union-find), largest first, rows sorted."""
+    if len(i) == 0:
+        return []
+    nodes, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+    a, b = inverse[: len(i)], inverse[len(i):]
+    parent = list(range(len(nodes)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving keeps the trees shallow
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.array([find(x) for x in range(len(nodes))])
+    order = np.argsort(roots, kind="stable")
+    bounds = np.flatnonzero(np.diff(roots[order])) + 1
+    groups = [nodes[g] for g in np.split(order, bounds)]
+    groups.sort(key=lambda g: (-len(g), g[0]))
+    return groups
+
+
+def group_similarities(groups: list[np.ndarray], i: np.ndarray, j: np.ndarray,
+                       sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """Per group the lowest and highest similarity of the pairs that joined it, and per row
+    the similarity of its closest duplicate."""
+    group_of = np.full(max(int(j.max()), int(i.max())) + 1 if len(i) else 0, -1)
+    for g, rows in enumerate(groups):
+        group_of[rows] = g
+    lo = np.full(len(groups), np.inf)
+    hi = np.full(len(groups), -np.inf)
+    np.minimum.at(lo, group_of[i], sims)
+    np.maximum.at(hi, group_of[i], sims)
+    rows, row_sims = np.concatenate([i, j]), np.concatenate([sims, sims])
+    best: dict[int, float] = {}
+    for r, s in zip(rows.tolist(), row_sims.tolist(), strict=True):
+        best[r] = max(s, best.get(r, s))
+    return lo, hi, best
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: shards in, files out
+
+
+@contextmanager
+def timed(stage: str, seconds: dict[str, float]):
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 2)
+    log.info("%s: %.2f s", stage, seconds[stage])
+
+
+def _progress(total: int, desc: str, unit: str = "row"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
+                leave=False, disable=None)
+
+
+def read_sample(index_dir: Path, n_total: int, size: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted global rows, unit-length vectors) of a uniform random sample, shard by shard."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n_total, size=min(size, n_total), replace=False))
+    parts = []
+    with _progress(n_total, "sample") as bar:
+        for first, vectors in iter_vector_shards(index_dir):
+            lo, hi = np.searchsorted(rows, [first, first + len(vectors)])
+            parts.append(normalize(vectors[rows[lo:hi] - first]))
+            bar.update(len(vectors))
+    return rows, np.concatenate(parts)
+
+
+def assign_shards(index_dir: Path, centroids: np.ndarray,
+                  n_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid and its similarity for every row, one shard at a time."""
+    labels = np.empty(n_total, np.int32)
+    sims = np.empty(n_total, np.float32)
+    with _progress(n_total, "assign") as bar:
+        for first, vectors in iter_vector_shards(index_dir):
+            end = first + len(vectors)
+            labels[first:end], sims[first:end] = nearest_centroid(normalize(vectors),
+                                                                  centroids)
+            bar.update(len(vectors))
+    return labels, sims
+
+
+def _token_columns(index_dir: Path, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    for shard in token_shards(require_embeddings(index_dir)):
+        yield shard["first_row"], pq.read_table(index_dir / TOKENS_DIR / shard["name"],
+                                                columns=columns)
+
+
+def count_words(index_dir: Path, labels: np.ndarray, k: int) -> list[Counter]:
+    """Word counts per cluster over every document's text, one token shard at a time."""
+    counts = [Counter() for _ in range(k)]
+    with _progress(len(labels), "words") as bar:
+        for first, table in _token_columns(index_dir, ["text"]):
+            texts = table["text"].to_pylist()
+            for label, text in zip(labels[first: first + len(texts)].tolist(), texts,
+                                   strict=True):
+                counts[label].update(words(text or ""))
+            bar.update(len(texts))
+    return counts
+
+
+def read_ids(index_dir: Path) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """doc_id and chunk of every row, in row order (for clusters.parquet)."""
+    table = pa.concat_tables(t for _, t in _token_columns(index_dir, ["doc_id", "chunk"]))
+    return table["doc_id"], table["chunk"]
+
+
+def near_duplicate_pairs(index_dir: Path, threshold: float,
+                         limit: int = MAX_DUPLICATE_PAIRS):
+    """All pairs of rows with cosine >= threshold: every shard against itself and each later
+    shard, so at most two shards are in memory. Raises if more than `limit` pairs turn up."""
+    manifest = require_embeddings(index_dir)
+    shards = token_shards(manifest)
+
+    def load(shard: dict) -> np.ndarray:
+        table = pq.read_table(index_dir / EMBEDDINGS_DIR / shard["name"], columns=["embedding"])
+        return normalize(arrow_to_vectors(table["embedding"]))
+
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    total = 0
+    n_blocks = len(shards) * (len(shards) + 1) // 2
+    with _progress(n_blocks, "near-duplicates", unit="block") as bar:
+        for a, shard_a in enumerate(shards):
+            query = load(shard_a)
+            for shard_b in shards[a:]:
+                base = query if shard_b is shard_a else load(shard_b)
+                pairs = range_pairs(query, shard_a["first_row"], base, shard_b["first_row"],
+                                    threshold)
+                total += len(pairs[0])
+                if total > limit:
+                    raise ValueError(f"more than {limit:,} pairs reach similarity {threshold}:"
+                                     " raise --near-duplicate-threshold")
+                found.append(pairs)
+                bar.update(1)
+    return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
+
+
+def parse_k(k: int | str) -> int | None:
+    """An int k, or None for "auto"."""
+    if isinstance(k, str):
+        if k.strip().lower() == "auto":
+            return None
+        if not k.strip().isdigit():
+            raise ValueError(f"-k must be a whole number or 'auto', not {k!r}")
+        k = int(k)
+    if k < 1:
+        raise ValueError(f"-k must be at least 1, not {k}")
+    return k
+
+
+def select_k(sample: np.ndarray, seed: int, console=None) -> tuple[int, list[tuple[int, float]]]:
+    """Try each candidate k on (part of) the sample; keep the best mean silhouette.
+
+    One k-means run per k (no restarts): the curve is read for its shape, and ~20 runs with
+    restarts would cost more than the final clustering."""
+    if len(sample) < 3:
+        return 1, []  # silhouette needs two clusters with a point to spare
+    rng = np.random.default_rng(seed + 1)
+    train = sample[rng.permutation(len(sample))[:SELECT_TRAIN_ROWS]]
+    scored = train[:SILHOUETTE_ROWS]
+    curve = []
+    for k in _iter_progress(auto_k_candidates(len(train)), "choose k"):
+        centroids = train_spherical_kmeans(train, k, seed, nredo=1)
+        labels, _ = nearest_centroid(scored, centroids)
+        curve.append((k, silhouette_cosine(scored, labels)))
+    chosen = choose_k(curve)
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=f"Choosing k: silhouette on {len(scored):,} sampled rows")
+        table.add_column("k", justify="right")
+        table.add_column("silhouette", justify="right")
+        table.add_column("")
+        best = max(s for _, s in curve)
+        for k, s in curve:
+            bar = "█" * max(0, round(30 * s / best)) if best > 0 else ""
+            style = "bold green" if k == chosen else None
+            table.add_row(str(k), f"{s:.4f}", bar, style=style)
+        console.print(table)
+    return chosen, curve
+
+
+def _iter_progress(items: list, desc: str):
+    with _progress(len(items), desc, unit="k") as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
+def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: int,
+                near_duplicate_threshold: float, sample: int, console=None,
+                projection: str = "pca") -> dict:
+    """Cluster an index folder's vectors; write the cluster files and (with report_dir) the
+    report. `near_duplicate_threshold` <= 0 skips the near-duplicate search. Returns a summary.
+    """
+    index_dir = Path(index_dir)
+    wanted_k = parse_k(k)
+    if sample < 1:
+        raise ValueError(f"--sample must be at least 1, not {sample}")
+    if projection not in ("pca", "umap"):
+        raise ValueError(f"unknown projection {projection!r}: choose pca or umap")
+    manifest = require_embeddings(index_dir)
+    n = total_rows(manifest)
+    out_dir = Path(report_dir) if report_dir is not None else index_dir / "clusters"
+    seconds: dict[str, float] = {}
+
+    with timed("sample", seconds):
+        sample_rows, sample_vectors = read_sample(index_dir, n, sample, seed)
+    dim = sample_vectors.shape[1]
+    curve = None
+    if wanted_k is None:
+        with timed("choose k", seconds):
+            wanted_k, curve = select_k(sample_vectors, seed, console)
+    if wanted_k > n:
+        raise ValueError(f"-k {wanted_k} is more than the {n} rows of {index_dir}")
+    with timed("k-means", seconds):
+        centroids = train_spherical_kmeans(sample_vectors, wanted_k, seed)
+    with timed("assign", seconds):
+        labels, sims = assign_shards(index_dir, centroids, n)
+        new_id = size_order(labels, wanted_k)
+        labels = new_id[labels]
+        centroids = centroids[np.argsort(new_id)]
+
+    sizes = np.bincount(labels, minlength=wanted_k)
+    cohesion = np.bincount(labels, weights=sims, minlength=wanted_k) / np.maximum(sizes, 1)
+    cohesion[sizes == 0] = np.nan
+    representatives = top_rows_per_cluster(labels, sims, wanted_k, REPRESENTATIVES)
+    doc_ids, chunks = read_ids(index_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "clusters": atomic_write_table(pa.table({
+            "row": pa.array(np.arange(n, dtype=np.int64)), "id": doc_ids, "chunk": chunks,
+            "cluster": pa.array(labels), "similarity": pa.array(sims)}),
+            out_dir / CLUSTERS_FILE),
+        "centroids": out_dir / CENTROIDS_FILE,
+    }
+    np.save(files["centroids"], centroids.astype(np.float32))
+
+    summary = {
+        "index": str(index_dir), "n": n, "dim": dim, "k": wanted_k, "seed": seed,
+        "sample": len(sample_rows), "niter": NITER, "gpu": faiss.get_num_gpus() > 0,
+        "k_curve": curve, "sizes": sizes.tolist(),
+        "cohesion": [None if math.isnan(c) else round(float(c), 5) for c in cohesion],
+        "representatives": [r.tolist() for r in representatives],
+        "vectors": manifest.get("embed", {}).get("identity", {}),
+    }
+    if report_dir is not None:
+        report, duplicates = build_report(index_dir, labels, sims, centroids, cohesion,
+                                          representatives, sample_rows, sample_vectors, curve,
+                                          near_duplicate_threshold, seed, projection, seconds)
+        if duplicates is not None:
+            files["near_duplicates"] = atomic_write_table(duplicates, out_dir / DUPLICATES_FILE)
+        summary["near_duplicate_pairs"] = report.duplicate_pairs
+        summary["near_duplicate_groups"] = report.duplicate_groups_total
+        with timed("render", seconds):
+            report.facts.update({f"time: {stage}": f"{s:.1f} s"
+                                 for stage, s in seconds.items()})
+            files.update(rpt.write_cluster_report(report, out_dir))
+    summary["seconds"] = seconds
+    files["summary"] = atomic_write_json(summary, out_dir / SUMMARY_FILE)
+    summary["files"] = {name: str(path) for name, path in files.items()}
+    if console is not None:
+        _print_summary(console, summary)
+    return summary
+
+
+def build_report(index_dir: Path, labels: np.ndarray, sims: np.ndarray, centroids: np.ndarray,
+                 cohesion: np.ndarray, representatives: list[np.ndarray],
+                 sample_rows: np.ndarray, sample_vectors: np.ndarray,
+                 curve: list | None, threshold: float, seed: int, projection: str,
+                 seconds: dict[str, float]) -> tuple[rpt.ClusterReport, pa.Table | None]:
+    """Everything the report shows, plus the near-duplicate table (None when not searched)."""
+    k, n = len(centroids), len(labels)
+    sizes = np.bincount(labels, minlength=k)
+    with timed("words", seconds):
+        top_words = class_tfidf(count_words(index_dir, labels, k))
+    wanted = np.concatenate(representatives).tolist()
+
+    groups: list[np.ndarray] = []
+    pair_count, duplicates_table = 0, None
+    if threshold > 0:
+        with timed("near-duplicates", seconds):
+            i, j, pair_sims = near_duplicate_pairs(index_dir, threshold)
+            groups = group_pairs(i, j)
+            lo, hi, closest = group_similarities(groups, i, j, pair_sims)
+        pair_count = len(i)
+        wanted += [int(r) for g in groups[:DUPLICATE_GROUPS_SHOWN] for r in g[:REPRESENTATIVES]]
+        duplicates_table = pa.table({
+            "group": pa.array(np.repeat(np.arange(len(groups)), [len(g) for g in groups]),
+                              pa.int32()),
+            "row": pa.array(np.concatenate(groups) if groups else [], pa.int64())})
+    records = dict(zip(wanted, read_rows(index_dir, wanted), strict=True))
+
+    def document(row: int, similarity: float) -> rpt.Document:
+        r = records[int(row)]
+        return rpt.Document(int(row), str(r["doc_id"]), r["text"] or "", float(similarity),
+                            int(r["chunk"] or 0))
+
+    neighbours = cluster_neighbours(centroids, NEIGHBOURS)
+    sections = [rpt.ClusterSection(
+        c, int(sizes[c]), float(cohesion[c]), top_words[c],
+        [document(r, sims[r]) for r in representatives[c]], neighbours[c]) for c in range(k)]
+    duplicate_groups = [
+        rpt.DuplicateGroup(len(rows), [document(r, closest[int(r)])
+                                       for r in rows[:REPRESENTATIVES]],
+                           float(lo[g]), float(hi[g]))
+        for g, rows in enumerate(groups[:DUPLICATE_GROUPS_SHOWN])]
+
+    with timed("plots", seconds):
+        rng = np.random.default_rng(seed + 2)
+        on_map = np.sort(rng.permutation(len(sample_rows))[:MAP_ROWS])
+        points = sample_vectors[on_map]
+        xy = pca_2d(points) if projection == "pca" else umap_2d(points, seed)
+        images = {"map": rpt.plot_map(xy, labels[sample_rows[on_map]], k, projection.upper()),
+                  "sizes": rpt.plot_sizes(sizes)}
+        if curve:
+            images = {"k_curve": rpt.plot_k_curve(curve, k), **images}
+
+    facts = {"index": str(index_dir), "rows": f"{n:,}", "k": str(k),
+             "k chosen by": "silhouette over a grid" if curve else "-k",
+             "trained on": f"{len(sample_rows):,} sampled rows, seed {seed}",
+             "map": f"{projection.upper()} of {len(on_map):,} sampled rows",
+             "FAISS": f"{faiss.__version__}, {faiss.get_num_gpus()} GPU(s)"}
+    report = rpt.ClusterReport(
+        title=f"Clusters of {index_dir.name}", n=n, dim=centroids.shape[1], clusters=sections,
+        duplicate_threshold=threshold if threshold > 0 else None, duplicate_pairs=pair_count,
+        duplicate_groups=duplicate_groups, duplicate_groups_total=len(groups), k_curve=curve,
+        facts=facts, images=images)
+    return report, duplicates_table
+
+
+def _print_summary(console, summary: dict) -> None:
+    from rich.table import Table
+
+    sizes, cohesion = summary["sizes"], summary["cohesion"]
+    table = Table(title=f"{summary['k']} clusters of {summary['n']:,} rows "
+                        f"(largest {min(10, len(sizes))} shown)")
+    table.add_column("cluster", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("cohesion", justify="right")
+    for c in range(min(10, len(sizes))):
+        table.add_row(str(c), f"{sizes[c]:,}",
+                      "—" if cohesion[c] is None else f"{cohesion[c]:.3f}")
+    console.print(table)
+    timings = ", ".join(f"{stage} {s:.1f}s" for stage, s in summary["seconds"].items())
+    console.print(f"timings: {timings}")
+    for name, path in summary["files"].items():
+        console.print(f"wrote {name}: {path}", highlight=False)
