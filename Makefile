@@ -61,3 +61,18 @@ data: $(RUNTIME)
 
 clean:
 	rm -rf $(VENV) .cache
+
+# --- reports (issue 4) ---
+# make report [INDEX=NAME] [K=50|auto]: cluster indexes/INDEX, report in reports/INDEX/
+INDEX ?= $(NAME)
+K     ?= 50
+REPORT_DEPS := $(VENV)/.report-installed
+
+$(REPORT_DEPS): $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[report]"
+	touch $@
+
+.PHONY: report
+report: $(REPORT_DEPS)
+	$(PIPELINE) cluster --index indexes/$(INDEX) -k $(K) --report reports/$(INDEX)
+# --- end reports ---
