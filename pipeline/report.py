@@ -277,7 +277,7 @@ def run_similarity_report(sentences: list[str], matrix: np.ndarray, out_html: Pa
 hierarchical clustering, so groups of similar sentences show as blocks along the diagonal.</p>
 {_img(png, "similarity heatmap")}
 <h2>Sentences in heatmap order</h2>
-<table><thead><tr><th>#</th><th>input line</th><th>sentence</th></tr></thead>
+<table><thead><tr><th class=num>#</th><th class=num>input line</th><th>sentence</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>"""
