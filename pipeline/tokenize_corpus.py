@@ -15,10 +15,15 @@ the old tokens.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,42 +80,65 @@ class TokenizeSettings:
             raise ValueError("--shard-rows must be at least 1")
 
 
-@dataclass
-class Chunk:
-    doc_id: str
-    chunk: int
-    start: int
-    end: int
-    tokens: list[int]
-    text: str
+def window_rows(token_lists: list[list[int]], max_tokens: int, overlap: int) -> dict:
+    """The rows of encoded documents as flat arrays: one row per document, or one per window
+    of a long one. Pure: the same ids give the same rows.
 
-
-def chunk_documents(docs: Iterable[Document], token_lists: Iterable[list[int]],
-                    tokenizer: Tokenizer, max_tokens: int, overlap: int) -> Iterator[Chunk]:
-    """Rows for encoded documents: one per document, or one per window of a long one."""
-    for doc, ids in zip(docs, token_lists, strict=True):
-        spans = window_spans(len(ids), max_tokens, overlap)
-        for number, (start, end) in enumerate(spans):
-            window = ids[start:end]
-            text = doc.text if len(spans) == 1 else tokenizer.decode(window)
-            yield Chunk(doc.doc_id, number, start, end, window, text)
-
-
-def chunks_to_table(chunks: list[Chunk], first_row: int) -> pa.Table:
-    lengths = np.fromiter((len(c.tokens) for c in chunks), dtype=np.int64, count=len(chunks))
-    offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for c in chunks for t in c.tokens), dtype=np.uint16,
+    Returns doc (index into token_lists), chunk, start, end (int32 arrays), tokens (flat
+    uint16) and offsets (int64, len rows + 1).
+    """
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    if lengths.size and lengths.max() > max_tokens:
+        spans = [window_spans(int(n), max_tokens, overlap) for n in lengths]
+    else:  # the common case: every document fits in one window
+        spans = [[(0, int(n))] for n in lengths]
+    doc = np.fromiter((d for d, sp in enumerate(spans) for _ in sp), dtype=np.int32)
+    chunk = np.fromiter((c for sp in spans for c in range(len(sp))), dtype=np.int32,
+                        count=doc.size)
+    start = np.fromiter((a for sp in spans for a, _ in sp), dtype=np.int32, count=doc.size)
+    end = np.fromiter((b for sp in spans for _, b in sp), dtype=np.int32, count=doc.size)
+    flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.uint16,
                        count=int(lengths.sum()))
-    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    # A window of document d covers flat[doc_start[d] + start : doc_start[d] + end].
+    doc_start = np.zeros(len(token_lists) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=doc_start[1:])
+    row_lengths = (end - start).astype(np.int64)
+    offsets = np.zeros(doc.size + 1, dtype=np.int64)
+    np.cumsum(row_lengths, out=offsets[1:])
+    if doc.size == len(token_lists):
+        tokens = flat  # one row per document: the rows are the documents, in order
+    else:
+        starts = doc_start[doc] + start
+        gather = np.repeat(starts - offsets[:-1], row_lengths) + np.arange(offsets[-1])
+        tokens = flat[gather]
+    return {"doc": doc, "chunk": chunk, "start": start, "end": end, "tokens": tokens,
+            "offsets": offsets}
+
+
+def encode_batch_rows(texts: list[str], max_tokens: int, overlap: int) -> dict:
+    """Worker task: encode texts and cut them into rows; split windows get their own text."""
+    tokenizer = Tokenizer.load()
+    rows = window_rows(tokenizer.encode_batch(texts, num_threads=1), max_tokens, overlap)
+    windows_per_doc = np.bincount(rows["doc"], minlength=len(texts))
+    split = np.flatnonzero(windows_per_doc[rows["doc"]] > 1)
+    rows["window_text"] = {int(r): tokenizer.decode(
+        rows["tokens"][rows["offsets"][r]:rows["offsets"][r + 1]].tolist()) for r in split}
+    return rows
+
+
+def rows_to_table(rows: dict, docs: list[Document], first_row: int) -> pa.Table:
+    n = rows["doc"].size
+    texts = [rows["window_text"].get(r) or docs[d].text
+             for r, d in enumerate(rows["doc"].tolist())]
     return pa.table({
-        "row": pa.array(np.arange(first_row, first_row + len(chunks), dtype=np.int64)),
-        "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
-        "chunk": pa.array([c.chunk for c in chunks], pa.int32()),
-        "start": pa.array([c.start for c in chunks], pa.int32()),
-        "end": pa.array([c.end for c in chunks], pa.int32()),
-        "tokens": tokens,
-        "text": pa.array([c.text for c in chunks], pa.string()),
+        "row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+        "doc_id": pa.array([docs[d].doc_id for d in rows["doc"].tolist()], pa.string()),
+        "chunk": pa.array(rows["chunk"]),
+        "start": pa.array(rows["start"]),
+        "end": pa.array(rows["end"]),
+        "tokens": pa.ListArray.from_arrays(pa.array(rows["offsets"].astype(np.int32)),
+                                           pa.array(rows["tokens"])),
+        "text": pa.array(texts, pa.string()),
     }, schema=TOKEN_SCHEMA)
 
 
@@ -165,7 +193,7 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
     work.mkdir(parents=True)
     try:
         shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
-                                                            tokenizer, progress)
+                                                            progress)
     except BaseException:
         # Nothing half-written survives: the previous tokens (if any) stay as they were.
         shutil.rmtree(work, ignore_errors=True)
@@ -194,42 +222,62 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
 
 
 def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
-                       tokenizer: Tokenizer, progress):
-    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds)."""
+                       progress, workers: int | None = None):
+    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds).
+
+    Batches of documents are encoded and windowed by a pool of worker processes (the Python
+    around tiktoken holds the GIL, so threads alone leave cores idle), at most a few batches
+    in flight so memory stays bounded; results come back in order.
+    """
     stats = ReadStats()
     started = time.perf_counter()
     shards: list[dict] = []
-    pending: list[Chunk] = []
-    docs_in_pending: set[str] = set()
-    n_rows = n_tokens = split_docs = 0
+    pending: list[pa.Table] = []
+    n_pending = n_rows = n_tokens = split_docs = 0
 
-    def flush():
-        nonlocal pending, docs_in_pending
+    def flush(upto: int):
+        """Write the first `upto` pending rows as the next shard."""
+        nonlocal pending, n_pending
+        table = pa.concat_tables(pending)
+        shard, rest = table.slice(0, upto), table.slice(upto)
+        first = n_rows - n_pending
+        shard = shard.set_column(0, "row", pa.array(np.arange(first, first + upto)))
         name = shard_name(len(shards))
-        path = atomic_write_table(chunks_to_table(pending, n_rows - len(pending)), work / name)
-        shards.append({"name": name, "first_row": n_rows - len(pending), "rows": len(pending),
-                       "docs": len(docs_in_pending), "sha256": file_sha256(path)})
-        pending, docs_in_pending = [], set()
+        path = atomic_write_table(shard, work / name)
+        shards.append({"name": name, "first_row": first, "rows": upto,
+                       "docs": len(set(shard["doc_id"].to_pylist())),
+                       "sha256": file_sha256(path)})
+        pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
 
+    workers = workers or min(8, os.cpu_count() or 1)
     docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
-    for batch in batched(docs, 4096):
-        kept = [d for d in batch if d.text.strip()]
-        stats.empty_skipped += len(batch) - len(kept)
-        token_lists = tokenizer.encode_batch([d.text for d in kept])
-        for chunk in chunk_documents(kept, token_lists, tokenizer, settings.max_tokens,
-                                     settings.overlap):
-            pending.append(chunk)
-            docs_in_pending.add(chunk.doc_id)
-            n_rows += 1
-            n_tokens += len(chunk.tokens)
-            split_docs += chunk.chunk == 1  # counts each split document once
-            if len(pending) >= settings.shard_rows:
-                flush()
-        if progress is not None:
-            progress.update(len(batch))
-            progress.set_postfix(rows=n_rows, MB=f"{stats.bytes_read / 1e6:.0f}")
-    if pending:
-        flush()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        in_flight: collections.deque = collections.deque()
+        batches = batched(docs, 2048)
+        while True:
+            while len(in_flight) < 2 * workers and (batch := next(batches, None)) is not None:
+                kept = [d for d in batch if d.text.strip()]
+                stats.empty_skipped += len(batch) - len(kept)
+                future = pool.submit(encode_batch_rows, [d.text for d in kept],
+                                     settings.max_tokens, settings.overlap)
+                in_flight.append((len(batch), kept, future))
+            if not in_flight:
+                break
+            n_read, kept, future = in_flight.popleft()
+            rows = future.result()
+            table = rows_to_table(rows, kept, 0)
+            pending.append(table)
+            n_pending += table.num_rows
+            n_rows += table.num_rows
+            n_tokens += int(rows["offsets"][-1])
+            split_docs += int((rows["chunk"] == 1).sum())
+            while n_pending >= settings.shard_rows:
+                flush(settings.shard_rows)
+            if progress is not None:
+                progress.update(n_read)
+                progress.set_postfix(rows=n_rows, MB=f"{stats.bytes_read / 1e6:.0f}")
+    if n_pending:
+        flush(n_pending)
     if n_rows == 0:
         raise CorpusError(f"{root}: no documents with text "
                           f"({stats.documents} read, {stats.empty_skipped} empty)")
@@ -238,13 +286,14 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
 
 
 def versions() -> dict:
+    """Versions of what made an output (a missing optional library reads None)."""
+    import importlib.metadata
     import sys
 
-    import faiss
-    import pyarrow
-    import tiktoken
-    import torch
-
-    return {"pipeline": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "tiktoken": tiktoken.__version__, "pyarrow": pyarrow.__version__,
-            "faiss": faiss.__version__}
+    found = {"pipeline": __version__, "python": sys.version.split()[0]}
+    for package in ("torch", "tiktoken", "pyarrow", "faiss-cpu", "numpy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found

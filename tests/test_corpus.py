@@ -18,12 +18,14 @@ def write_all_formats(folder):
         "\n".join(json.dumps({"id": f"j{i}", "body": t}) for i, t in enumerate(TEXTS)) + "\n")
     import csv
 
-    for name, delim in (("table.csv", ","), ("table.tsv", "\t")):
-        with open(folder / name, "w", newline="") as fh:
-            w = csv.writer(fh, delimiter=delim)
-            w.writerow(["key", "body"])
-            for i, t in enumerate(TEXTS):
-                w.writerow([f"c{i}", t])
+    with open(folder / "table.csv", "w", newline="") as fh:
+        w = csv.writer(fh)  # RFC 4180: the quoted text gets doubled quotes
+        w.writerow(["key", "body"])
+        for i, t in enumerate(TEXTS):
+            w.writerow([f"c{i}", t])
+    # TSV has no quoting: quotes are literal characters, as in the STS-B files.
+    (folder / "table.tsv").write_text("key\tbody\n" + "".join(
+        f"c{i}\t{t}\n" for i, t in enumerate(TEXTS)))
     pq.write_table(pa.table({"key": [f"p{i}" for i in range(4)], "body": TEXTS}),
                    folder / "table.parquet")
 

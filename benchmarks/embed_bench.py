@@ -1,0 +1,231 @@
+"""End-to-end embedding benchmark: raw text -> token shards -> embedding shards on disk, against
+the baseline a user would otherwise write (Hugging Face GPT2Model), in the same run.
+
+    python benchmarks/embed_bench.py [--docs 500000] [--preset gpt2] [--out DIR]
+
+Reports tokens/s and docs/s of both, their ratio, model FLOP utilisation against a bf16 matmul
+measured in the same run, the packed fixed-shape forward (the practical ceiling of stock
+kernels), peak GPU memory, the card, the share of time in each part, and the cosine of our
+vectors to an fp32 reference. Runs on CPU too (smaller --docs), where the baseline is
+transformers in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.embed import run_embed
+from pipeline.encoder import Encoder
+from pipeline.model import save_checkpoint
+from pipeline.shards import load_vectors
+from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
+
+DEBIAN = Path(__file__).resolve().parent.parent / "data_sets" / "debian_packages.parquet"
+
+
+def make_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
+    """Real English words (Debian descriptions) cut into documents of lognormal length: mean
+    ~30 words (~40 tokens), a tail past 400 words (>512 tokens, split into windows)."""
+    words = " ".join(pq.read_table(DEBIAN, columns=["text"])["text"].to_pylist()).split()
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(22), 0.8, n_docs).astype(int), 2, 600)
+    starts = rng.integers(0, len(words) - 600, n_docs)
+    with open(path, "w") as fh:
+        for start, n in zip(starts, lengths, strict=True):
+            fh.write(" ".join(words[start:start + n]) + "\n")
+
+
+def cuda_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def flops_per_token(cfg, mean_len: float) -> float:
+    """Matmul FLOPs of one token's forward: 2 x weights it meets + attention scores/values."""
+    per_layer = 2 * 12 * cfg.n_embd**2 + 2 * 2 * mean_len * cfg.n_embd
+    return cfg.n_layer * per_layer
+
+
+def packed_ceiling(encoder: Encoder, batch: int = 512, seq: int = 128, iters: int = 20) -> float:
+    """Tokens/s of our bf16 forward on perfectly packed, fixed (batch x seq) shapes."""
+    if encoder.device.type != "cuda":
+        return float("nan")
+    ids = torch.randint(0, 50257, (batch, seq), device=encoder.device)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            encoder.model.embed(ids, mask)
+        cuda_sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            encoder.model.embed(ids, mask)
+        cuda_sync()
+    return batch * seq * iters / (time.perf_counter() - t)
+
+
+def transformers_baseline(folder: Path, texts: list[str], device: torch.device,
+                          max_tokens: int) -> dict:
+    """What a user would write: tiktoken ids, HF GPT2Model (sdpa), bf16 autocast on CUDA,
+    length-sorted batches of 128, masked mean pooling, vectors back on the CPU."""
+    import transformers
+
+    from pipeline.tokenizer import Tokenizer
+
+    model = transformers.GPT2Model.from_pretrained(folder, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    tok = Tokenizer.load()
+    cuda_sync()
+    t0 = time.perf_counter()
+    ids = [x[:max_tokens] for x in tok.encode_batch(texts)]
+    order = np.argsort([len(x) for x in ids])
+    out = np.zeros((len(ids), model.config.n_embd), dtype=np.float32)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for i in range(0, len(order), 128):
+            rows = order[i:i + 128]
+            width = max(len(ids[r]) for r in rows)
+            batch = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                batch[j, :len(ids[r])] = torch.tensor(ids[r])
+                mask[j, :len(ids[r])] = 1
+            batch, mask = batch.to(device), mask.to(device)
+            hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1)
+            out[rows] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in ids)
+    return {"seconds": seconds, "tokens": n_tokens, "tokens_per_s": n_tokens / seconds,
+            "docs_per_s": len(ids) / seconds}
+
+
+def fp32_cosines(encoder_spec: str, device: str, index: Path, sample: int) -> np.ndarray:
+    """Cosine of each stored vector to an fp32 padded-batch reference of the same rows."""
+    ref = Encoder.load(encoder_spec, device, precision="fp32")
+    tokens = pq.read_table(index / "tokens" / "part-00000.parquet", columns=["tokens"])
+    token_lists = tokens["tokens"].to_pylist()[:sample]
+    expected = ref.embed_flat(*flat(token_lists), 8192)
+    ours = load_vectors(index)[:len(token_lists)]
+    return (expected * ours).sum(1)
+
+
+def flat(token_lists):
+    offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in token_lists], out=offsets[1:])
+    return np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists]), offsets
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=500_000)
+    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--batch-tokens", type=int, default=65536)
+    parser.add_argument("--baseline-docs", type=int, default=0,
+                        help="baseline on the first N docs only (0 = all)")
+    parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = f"random:{args.preset}:0"
+    work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    try:
+        corpus = work / "corpus.txt"
+        make_corpus(corpus, args.docs)
+        texts = corpus.read_text().splitlines()
+        encoder = Encoder.load(spec, str(device))
+        max_tokens = min(512, encoder.max_tokens)
+
+        # Ours, end to end: raw text -> tokens/ -> embeddings/ on disk.
+        cuda_sync()
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        tok = run_tokenize(corpus, work / "idx",
+                           TokenizeSettings(max_tokens=max_tokens, overlap=32,
+                                            shard_rows=100_000))
+        t1 = time.perf_counter()
+        emb = run_embed(work / "idx", model=spec, device=str(device), dtype="float16",
+                        batch_tokens=args.batch_tokens)
+        cuda_sync()
+        t2 = time.perf_counter()
+        n_tokens, n_rows = tok["stats"]["tokens"], tok["stats"]["rows"]
+        ours = {"seconds": t2 - t0, "tokens": n_tokens, "rows": n_rows,
+                "tokens_per_s": n_tokens / (t2 - t0), "docs_per_s": args.docs / (t2 - t0),
+                "tokenize_s": t1 - t0, **{k: emb["stats"][k] for k in
+                                          ("read_s", "embed_s", "write_s", "seconds")}}
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+
+        cos = fp32_cosines(spec, str(device), work / "idx", 4096)
+        ceiling = packed_ceiling(encoder)
+        tflops = matmul_tflops(device)
+        mean_len = n_tokens / n_rows
+        fpt = flops_per_token(encoder.model.config, mean_len)
+
+        folder = work / "hf"
+        save_checkpoint(encoder.model.cpu(), folder)
+        base_texts = texts[:args.baseline_docs] if args.baseline_docs else texts
+        base = transformers_baseline(folder, base_texts, device, max_tokens)
+
+        card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        result = {
+            "card": card, "device": str(device), "preset": args.preset, "docs": args.docs,
+            "torch": torch.__version__, "tokens": n_tokens, "mean_tokens_per_row": mean_len,
+            "ours": ours, "baseline": base,
+            "ratio_vs_baseline": ours["tokens_per_s"] / base["tokens_per_s"],
+            "packed_ceiling_tokens_per_s": ceiling,
+            "share_of_ceiling": ours["tokens_per_s"] / ceiling if ceiling == ceiling else None,
+            "bf16_matmul_tflops": tflops,
+            "mfu": ours["tokens_per_s"] * fpt / (tflops * 1e12) if tflops == tflops else None,
+            "peak_gpu_gb": peak_gb,
+            "cosine_vs_fp32": {"min": float(cos.min()), "mean": float(cos.mean()),
+                               "n": int(len(cos))},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    total = ours["seconds"]
+    print(f"\n{card}: ours {ours['tokens_per_s'] / 1e6:.2f}M tok/s "
+          f"({ours['docs_per_s']:,.0f} docs/s), baseline {base['tokens_per_s'] / 1e6:.2f}M "
+          f"tok/s, ratio {result['ratio_vs_baseline']:.2f}x; ceiling "
+          f"{ceiling / 1e6:.2f}M tok/s; time shares: tokenize {ours['tokenize_s'] / total:.0%},"
+          f" embed {ours['embed_s'] / total:.0%} (read {ours['read_s']:.1f}s, write "
+          f"{ours['write_s']:.1f}s overlapped); min cosine {cos.min():.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
