@@ -329,6 +329,8 @@ def similarity_matrix(
     = "cosine",
     out: Annotated[Path | None, typer.Option(help="Write the matrix as .csv or .parquet.")]
     = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Also write an HTML heatmap (rows reordered by hierarchical clustering).")] = None,
     model: ModelOption = None,
     device: DeviceOption = None,
 ):
@@ -359,9 +361,44 @@ def similarity_matrix(
         vectors = all_vectors[rows]
     matrix = query.similarity_matrix(vectors, metric)
     print_matrix(sentences, matrix, metric)
+    if report is not None:
+        from .report import run_similarity_report
+
+        run_similarity_report(sentences, matrix, report, f"{metric} similarity",
+                              higher_is_similar=metric not in ("euclidean", "manhattan"))
+        err_console.print(f"wrote heatmap to {report}")
     if out is not None:
         write_matrix(out, sentences, matrix)
         err_console.print(f"wrote {len(sentences)}x{len(sentences)} {metric} matrix to {out}")
+
+
+@app.command()
+@user_errors
+def cluster(
+    index: IndexOption,
+    k: Annotated[str, typer.Option(
+        "-k", help="Number of clusters, or 'auto': best mean silhouette over 2..100 on a sample.")]
+    = "50",
+    report: Annotated[Path | None, typer.Option(
+        help="Folder for report.html, report.md, PNGs and the cluster files. Without it: "
+        "INDEX/clusters/, no report.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the sample and k-means.")] = 0,
+    near_duplicate_threshold: Annotated[float, typer.Option(
+        help="Cosine at or above which two rows are near-duplicates (report only); 0 skips.")]
+    = 0.95,
+    sample: Annotated[int, typer.Option(help="Vectors k-means trains on (random sample).")]
+    = 100_000,
+    projection: Annotated[str, typer.Option(
+        help="2-D map: pca, or umap (pip install 'pipeline[umap]').")] = "pca",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Cluster an index's documents (spherical k-means) and write a report."""
+    from .cluster import run_cluster
+
+    summary = run_cluster(index, k, report, seed, near_duplicate_threshold, sample,
+                          console=err_console, projection=projection)
+    if as_json:
+        typer.echo(json.dumps(summary))
 
 
 def print_matrix(sentences: list[str], matrix, metric: str) -> None:

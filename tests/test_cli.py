@@ -93,3 +93,25 @@ def test_unreadable_file(tmp_path):
     result = run("embed", "--file", str(binary), "--out", str(tmp_path / "o.parquet"), *MODEL)
     assert result.exit_code == 1 and "not UTF-8" in result.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_similarity_matrix_file_to_csv_and_heatmap(tmp_path, tiny_encoder):
+    pytest.importorskip("matplotlib")
+    sentences = ["cats purr", "kittens meow", "stocks fell today", "markets dropped"]
+    src = tmp_path / "s.txt"
+    src.write_text("\n".join(sentences) + "\n\n")
+    out, report = tmp_path / "m.csv", tmp_path / "m.html"
+    result = run("similarity-matrix", str(src), "--out", str(out), "--report", str(report),
+                 *MODEL)
+    assert result.exit_code == 0, result.output
+    import csv
+
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["sentence", "s1", "s2", "s3", "s4"]
+    assert [r[0] for r in rows[1:]] == sentences
+    got = np.array([[float(x) for x in r[1:]] for r in rows[1:]])
+    vectors = tiny_encoder.embed_texts(sentences)
+    np.testing.assert_allclose(got, vectors @ vectors.T, atol=1e-5)
+    assert report.read_text().lstrip().lower().startswith("<!doctype html")
+    bad = run("similarity-matrix", str(src), "--metric", "hamming", *MODEL)
+    assert bad.exit_code == 1 and "unknown metric" in bad.stderr
