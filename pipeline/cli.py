@@ -109,7 +109,8 @@ def embed(
     device: DeviceOption = None,
     dtype: Annotated[str, typer.Option(help="Stored vector type for --index: float32 or float16.")]
     = "float32",
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = 16384,
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per forward pass. Default: 65536 on a GPU, 16384 on a CPU.")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="With --index: discard embeddings made with another model or dtype.")] = False,
     precision: Annotated[str, typer.Option(

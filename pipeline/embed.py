@@ -66,7 +66,8 @@ def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int
 
 
 def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,
-              pooling: str | None = None, dtype: str = "float32", batch_tokens: int = 16384,
+              pooling: str | None = None, dtype: str = "float32",
+              batch_tokens: int | None = None,
               overwrite: bool = False, precision: str = "auto", console=None) -> dict:
     """Embed every token shard not yet recorded as done; returns the manifest's embed section."""
     from tqdm import tqdm
@@ -100,6 +101,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
         path = index_dir / EMBEDDINGS_DIR / name
         if not path.is_file() or file_sha256(path) != record["sha256"]:
             del done[name]
+    batch_tokens = batch_tokens or encoder.default_batch_tokens
     section = {"identity": encoder.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
                "device": str(encoder.device), "precision": encoder.precision, "shards": done}
     manifest["embed"] = section
@@ -118,7 +120,9 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
     def write(shard, out):
         t = time.perf_counter()
-        path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"])
+        # Vectors do not compress (zstd saved ~5% at 10x the write time).
+        path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"],
+                                  compression="none")
         record = {"rows": out.num_rows, "sha256": file_sha256(path)}
         timings["write_s"] += time.perf_counter() - t
         return shard["name"], record

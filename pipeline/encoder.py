@@ -168,9 +168,14 @@ class Encoder:
              pooling: str | None = None, precision: str = "auto") -> Encoder:
         model, canonical, sha = load_model(spec)
         dev = pick_device(device)
+        precision = resolve_precision(precision, dev)
         model = model.to(dev).eval()
+        if dev.type == "cuda" and precision == "bf16":
+            # bf16 weights: no per-op casts (autocast's), half the weight traffic; pooling and
+            # normalisation still accumulate in fp32.
+            model = model.to(torch.bfloat16)
         return cls(model, Tokenizer.load(), dev, canonical, sha,
-                   pooling or model.config.pooling, resolve_precision(precision, dev))
+                   pooling or model.config.pooling, precision)
 
     @property
     def dim(self) -> int:
@@ -187,8 +192,13 @@ class Encoder:
                 "attention": c.attention, "dim": self.dim, "n_positions": c.n_positions,
                 "tokenizer": self.tokenizer.name}
 
+    @property
+    def default_batch_tokens(self) -> int:
+        """Tokens per forward pass: large on a GPU to fill it, modest on a CPU for cache."""
+        return 65536 if self.device.type == "cuda" else 16384
+
     def _autocast(self):
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.device.type == "cpu":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -202,7 +212,7 @@ class Encoder:
         return vectors.float().cpu().numpy()
 
     def embed_token_lists(self, token_lists: Sequence[Sequence[int]],
-                          max_batch_tokens: int = 16384,
+                          max_batch_tokens: int | None = None,
                           progress: Iterable | None = None) -> np.ndarray:
         """Vectors in input order; lists longer than the context are truncated."""
         lengths = np.array([min(len(t), self.max_tokens) for t in token_lists], dtype=np.int64)
@@ -212,13 +222,14 @@ class Encoder:
                               for x in t[:n]), dtype=np.int32, count=int(offsets[-1]))
         return self.embed_flat(values, offsets, max_batch_tokens, progress)
 
-    def embed_flat(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int = 16384,
-                   progress=None) -> np.ndarray:
+    def embed_flat(self, values: np.ndarray, offsets: np.ndarray,
+                   max_batch_tokens: int | None = None, progress=None) -> np.ndarray:
         """Sequences given Arrow-style (flat token ids, offsets) -> (n, dim) float32 vectors.
 
         On CUDA in bf16, sequences are packed back to back without padding (flash attention's
         variable-length kernel); elsewhere they are padded in length-sorted batches.
         """
+        max_batch_tokens = max_batch_tokens or self.default_batch_tokens
         if self.device.type == "cuda" and self.precision == "bf16":
             return self._embed_packed(values, offsets, max_batch_tokens, progress)
         token_lists = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
@@ -254,5 +265,6 @@ class Encoder:
                     progress.update(b - a)
         return out.cpu().numpy()
 
-    def embed_texts(self, texts: Sequence[str], max_batch_tokens: int = 16384) -> np.ndarray:
+    def embed_texts(self, texts: Sequence[str], max_batch_tokens: int | None = None
+                    ) -> np.ndarray:
         return self.embed_token_lists(self.tokenizer.encode_batch(texts), max_batch_tokens)

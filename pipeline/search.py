@@ -66,6 +66,10 @@ def search(index_dir: str | Path, queries: Sequence[str], k: int = 10,
         raise ValueError("-k must be at least 1")
     encoder = load_search_encoder(index_dir, model, device)
     index, _info = load_index(index_dir)
+    if len(queries) < 16:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
     vectors = encoder.embed_texts(list(queries)).astype(np.float32)
     n = index.ntotal
     # Windows of one document may fill the first k slots: ask for more until k documents.
