@@ -324,10 +324,11 @@ def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
                                 "(config.json and model.safetensors expected)")
     cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
     cfg = replace(cfg, **overrides)
-    model = GPT2Model(cfg)
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = GPT2Model(cfg)
     sd = from_hf_state_dict(load_file(str(weights)))
     missing, unexpected = model.load_state_dict(
-        {k: v.float() for k, v in sd.items()}, strict=False)
+        {k: v.float() for k, v in sd.items()}, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not fit the config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

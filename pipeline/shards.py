@@ -34,7 +34,8 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
-def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zstd") -> Path:
+def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zstd",
+                       row_group_size: int | None = None) -> Path:
     """Write to a temp file in the same folder, then rename over the final name.
 
     The rename makes a killed process leave either the old file or the whole new one. There
@@ -44,7 +45,7 @@ def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zs
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=compression)
+    pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
     tmp.replace(path)
     return path
 
@@ -163,8 +164,21 @@ def read_rows(index_dir: str | Path, rows: Sequence[int],
         local = [r - lo for r in wanted if lo <= r < hi]
         if not local:
             continue
-        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"], columns=list(columns))
-        picked = table.take(pa.array(local)).to_pylist()
+        # Read only the row groups that hold the rows: search stays fast on big shards.
+        pf = pq.ParquetFile(index_dir / TOKENS_DIR / shard["name"])
+        group_starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
+                                        for g in range(pf.num_row_groups)])
+        groups = sorted({int(np.searchsorted(group_starts, r, side="right")) - 1
+                         for r in local})
+        table = pf.read_row_groups(groups, columns=list(columns))
+        # Row r of the shard is row r - start(g) + (rows of the groups read before g).
+        before = dict(zip(groups, np.cumsum([0] + [pf.metadata.row_group(g).num_rows
+                                                   for g in groups])[:-1], strict=True))
+        positions = []
+        for r in local:
+            g = int(np.searchsorted(group_starts, r, side="right")) - 1
+            positions.append(int(before[g] + r - group_starts[g]))
+        picked = table.take(pa.array(positions)).to_pylist()
         for r, record in zip(local, picked, strict=True):
             out[r + lo] = record
     return [out[int(r)] for r in rows]

@@ -243,7 +243,8 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
         first = n_rows - n_pending
         shard = shard.set_column(0, "row", pa.array(np.arange(first, first + upto)))
         name = shard_name(len(shards))
-        path = atomic_write_table(shard, work / name)
+        # Small row groups let search read the few rows it shows without the whole shard.
+        path = atomic_write_table(shard, work / name, row_group_size=4096)
         shards.append({"name": name, "first_row": first, "rows": upto,
                        "docs": len(set(shard["doc_id"].to_pylist())),
                        "sha256": file_sha256(path)})

@@ -228,3 +228,17 @@ def test_killed_embed_resumes_to_identical_result(tmp_path, sig):
         (tmp_path / "killed" / "index.faiss").read_bytes()
     rows = load_vectors(tmp_path / "killed").shape[0]
     assert rows == read_manifest(tmp_path / "killed")["tokenize"]["stats"]["rows"] == 1500
+
+
+def test_read_rows_across_row_groups_and_shards(tmp_path):
+    from pipeline.shards import read_rows
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"document number {i}\n" for i in range(12000)))
+    ok("tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 7000)
+    tables = [pq.read_table(p) for p in sorted((tmp_path / "i" / "tokens").glob("*.parquet"))]
+    assert [pq.ParquetFile(p).num_row_groups for p in
+            sorted((tmp_path / "i" / "tokens").glob("*.parquet"))] == [2, 2]
+    everything = [r for t in tables for r in t.select(["doc_id", "text"]).to_pylist()]
+    rows = [11999, 0, 4095, 4096, 6999, 7000, 8191, 5, 4096]
+    assert read_rows(tmp_path / "i", rows, ("doc_id", "text")) == [everything[r] for r in rows]
