@@ -79,6 +79,21 @@ def check_pooling(pooling: str | None) -> None:
         raise UsageError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
 
 
+def parse_devices(devices: str | None) -> list[str] | None:
+    if devices is None:
+        return None
+    if devices == "all":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--devices all: no CUDA device here")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not names:
+        raise UsageError("--devices is empty")
+    return names
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file (one text per line)."""
     if not path.is_file():
@@ -116,6 +131,9 @@ def embed(
     precision: Annotated[str, typer.Option(
         help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")]
     = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="With --index: one worker per device, e.g. cuda:0,cuda:1, or 'all' GPUs.")]
+    = None,
 ):
     """Embed a sentence (JSON, as the seed), a file of lines (Parquet), or an index's shards."""
     check_pooling(pooling)
@@ -127,7 +145,8 @@ def embed(
 
         section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
                             batch_tokens=batch_tokens, overwrite=overwrite,
-                            precision=precision, console=err_console)
+                            precision=precision, console=err_console,
+                            devices=parse_devices(devices))
         stats = section["stats"]
         if stats["rows"] == 0:
             err_console.print(f"embeddings in {index} are current: skipped")

@@ -65,11 +65,73 @@ def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int
     return out, int(offsets[-1])
 
 
+def write_embedding_shard(index_dir: Path, name: str, table: pa.Table) -> dict:
+    # Vectors do not compress (zstd saved ~5% at 10x the write time).
+    path = atomic_write_table(table, index_dir / EMBEDDINGS_DIR / name, compression="none")
+    return {"rows": table.num_rows, "sha256": file_sha256(path)}
+
+
+def embed_worker(index_dir: Path, spec: str, device: str, pooling: str, precision: str,
+                 dtype: str, batch_tokens: int, tasks, results) -> None:
+    """One device's worker process: embed shards named on `tasks` until a None arrives."""
+    try:
+        encoder = Encoder.load(spec, device, pooling, precision)
+        while (name := tasks.get()) is not None:
+            table = pq.read_table(index_dir / TOKENS_DIR / name)
+            out, n_tokens = embed_shard(encoder, table, dtype, batch_tokens)
+            results.put(("done", name, write_embedding_shard(index_dir, name, out), n_tokens))
+    except BaseException as err:  # reported to the parent, which stops the run
+        results.put(("error", device, f"{type(err).__name__}: {err}", 0))
+    results.put(("exit", device, None, 0))
+
+
+def embed_with_workers(index_dir: Path, todo: list[dict], devices: list[str], encoder: Encoder,
+                       dtype: str, batch_tokens: int, commit, bar) -> int:
+    """Spread shards over one worker process per device; returns the tokens embedded."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for shard in todo:
+        tasks.put(shard["name"])
+    for _ in devices:
+        tasks.put(None)
+    workers = [ctx.Process(target=embed_worker, daemon=True, args=(
+        index_dir, encoder.spec, d, encoder.pooling, encoder.precision, dtype, batch_tokens,
+        tasks, results)) for d in devices]
+    for w in workers:
+        w.start()
+    rows = {s["name"]: s["rows"] for s in todo}
+    n_tokens, running = 0, len(workers)
+    try:
+        while running:
+            kind, name, payload, tokens = results.get()
+            if kind == "error":
+                raise RuntimeError(f"embedding worker on {name} failed: {payload}")
+            if kind == "exit":
+                running -= 1
+                continue
+            commit(name, payload)
+            n_tokens += tokens
+            bar.update(rows[name])
+    finally:
+        for w in workers:
+            if w.is_alive() and running:
+                w.terminate()
+            w.join()
+    return n_tokens
+
+
 def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,
               pooling: str | None = None, dtype: str = "float32",
               batch_tokens: int | None = None,
-              overwrite: bool = False, precision: str = "auto", console=None) -> dict:
-    """Embed every token shard not yet recorded as done; returns the manifest's embed section."""
+              overwrite: bool = False, precision: str = "auto", console=None,
+              devices: list[str] | None = None) -> dict:
+    """Embed every token shard not yet recorded as done; returns the manifest's embed section.
+
+    `devices` (several) runs one worker process per device, each taking the next unfinished
+    shard; this process alone records finished shards in the manifest.
+    """
     from tqdm import tqdm
 
     index_dir = Path(index_dir)
@@ -82,6 +144,8 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     previous = manifest.get("embed", {})
     if model is None and previous.get("identity") and not overwrite:
         model = previous["identity"]["model"]  # resume with the model the index started with
+    if devices and len(devices) > 1:
+        device = devices[0]
     encoder = Encoder.load(model, device, pooling, precision)
     max_tokens = manifest["tokenize"]["settings"]["max_tokens"]
     if max_tokens > encoder.max_tokens:
@@ -103,7 +167,8 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
             del done[name]
     batch_tokens = batch_tokens or encoder.default_batch_tokens
     section = {"identity": encoder.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
-               "device": str(encoder.device), "precision": encoder.precision, "shards": done}
+               "device": ",".join(devices) if devices and len(devices) > 1 else
+               str(encoder.device), "precision": encoder.precision, "shards": done}
     manifest["embed"] = section
     write_manifest(index_dir, manifest)
 
@@ -120,37 +185,40 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
     def write(shard, out):
         t = time.perf_counter()
-        # Vectors do not compress (zstd saved ~5% at 10x the write time).
-        path = atomic_write_table(out, index_dir / EMBEDDINGS_DIR / shard["name"],
-                                  compression="none")
-        record = {"rows": out.num_rows, "sha256": file_sha256(path)}
+        record = write_embedding_shard(index_dir, shard["name"], out)
         timings["write_s"] += time.perf_counter() - t
         return shard["name"], record
 
-    def commit(future):
-        name, record = future.result()
+    def commit(name, record):
         done[name] = record  # `done` is inside `manifest`: record only finished files
         write_manifest(index_dir, manifest)
 
-    # Reading shard k+1 and writing shard k-1 overlap the model's work on shard k.
     with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
-              delay=1, disable=total_rows == 0) as bar, ThreadPoolExecutor(2) as io:
-        next_table = io.submit(read, todo[0]) if todo else None
-        pending_write = None
-        for k, shard in enumerate(todo):
-            table = next_table.result()
-            if k + 1 < len(todo):
-                next_table = io.submit(read, todo[k + 1])
-            t = time.perf_counter()
-            out, shard_tokens = embed_shard(encoder, table, dtype, batch_tokens, progress=bar)
-            timings["embed_s"] += time.perf_counter() - t
-            n_tokens += shard_tokens
-            if pending_write is not None:
-                commit(pending_write)
-            pending_write = io.submit(write, shard, out)
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
-        if pending_write is not None:
-            commit(pending_write)
+              delay=1, disable=total_rows == 0) as bar:
+        if devices and len(devices) > 1:
+            n_tokens = embed_with_workers(index_dir, todo, devices, encoder, dtype,
+                                          batch_tokens, commit, bar)
+        else:
+            # Reading shard k+1 and writing shard k-1 overlap the model's work on shard k.
+            with ThreadPoolExecutor(2) as io:
+                next_table = io.submit(read, todo[0]) if todo else None
+                pending_write = None
+                for k, shard in enumerate(todo):
+                    table = next_table.result()
+                    if k + 1 < len(todo):
+                        next_table = io.submit(read, todo[k + 1])
+                    t = time.perf_counter()
+                    out, shard_tokens = embed_shard(encoder, table, dtype, batch_tokens,
+                                                    progress=bar)
+                    timings["embed_s"] += time.perf_counter() - t
+                    n_tokens += shard_tokens
+                    if pending_write is not None:
+                        commit(*pending_write.result())
+                    pending_write = io.submit(write, shard, out)
+                    rate = n_tokens / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(tok_s=f"{rate:,.0f}")
+                if pending_write is not None:
+                    commit(*pending_write.result())
     elapsed = time.perf_counter() - started
     section["stats"] = {"rows": total_rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
                         "docs_per_s": round(total_rows / max(elapsed, 1e-9), 1),

@@ -242,3 +242,21 @@ def test_read_rows_across_row_groups_and_shards(tmp_path):
     everything = [r for t in tables for r in t.select(["doc_id", "text"]).to_pylist()]
     rows = [11999, 0, 4095, 4096, 6999, 7000, 8191, 5, 4096]
     assert read_rows(tmp_path / "i", rows, ("doc_id", "text")) == [everything[r] for r in rows]
+
+
+def test_several_workers_give_the_same_shards(tmp_path):
+    """--devices runs one worker process per device; here two CPU workers stand in for GPUs."""
+    corpus = tmp_path / "c.jsonl"
+    make_corpus(corpus, 600)
+    for name in ("one", "two"):
+        ok("tokenize", corpus, "--index", tmp_path / name, "--max-tokens", 64,
+           "--shard-rows", 100)
+    ok("embed", "--index", tmp_path / "one", *TINY)
+    ok("embed", "--index", tmp_path / "two", "--devices", "cpu,cpu",
+       "--model", "random:gpt2-tiny")
+    manifest = read_manifest(tmp_path / "two")
+    assert manifest["embed"]["device"] == "cpu,cpu"
+    assert len(manifest["embed"]["shards"]) == 6
+    for shard in sorted((tmp_path / "one" / "embeddings").glob("*.parquet")):
+        assert pq.read_table(shard).equals(pq.read_table(tmp_path / "two" / "embeddings" /
+                                                         shard.name))
