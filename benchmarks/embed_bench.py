@@ -146,6 +146,27 @@ def flat(token_lists):
     return np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists]), offsets
 
 
+def scaling(docs: int, preset: str) -> dict:
+    """Embed-stage tokens/s on one GPU and on all of them, over the same token shards."""
+    work = Path(tempfile.mkdtemp(prefix="embed-scaling-"))
+    try:
+        corpus = work / "corpus.txt"
+        make_corpus(corpus, docs)
+        run_tokenize(corpus, work / "idx", TokenizeSettings(max_tokens=512, shard_rows=50_000))
+        spec = f"random:{preset}:0"
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        rates = {}
+        for used in (devices[:1], devices):
+            t = time.perf_counter()
+            stats = run_embed(work / "idx", model=spec, device=used[0], dtype="float16",
+                              overwrite=True, devices=used)["stats"]
+            rates[len(used)] = stats["tokens"] / (time.perf_counter() - t)
+        return {"gpus": len(devices), "card": torch.cuda.get_device_name(),
+                "tokens_per_s": rates, "speedup": rates[len(devices)] / rates[1]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=500_000)
@@ -155,7 +176,12 @@ def main() -> int:
                         help="baseline on the first N docs only (0 = all)")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--scaling", action="store_true",
+                        help="only compare the embed stage on one GPU and on all GPUs")
     args = parser.parse_args()
+    if args.scaling:
+        print(json.dumps(scaling(args.docs, args.preset), indent=2))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = f"random:{args.preset}:0"
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
