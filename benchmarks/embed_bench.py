@@ -171,6 +171,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=500_000)
     parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--model", default=None,
+                        help="a checkpoint folder instead of random:PRESET (e.g. the default)")
     parser.add_argument("--batch-tokens", type=int, default=0, help="0: the encoder's default")
     parser.add_argument("--baseline-docs", type=int, default=0,
                         help="baseline on the first N docs only (0 = all)")
@@ -183,7 +185,7 @@ def main() -> int:
         print(json.dumps(scaling(args.docs, args.preset), indent=2))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = f"random:{args.preset}:0"
+    spec = args.model or f"random:{args.preset}:0"
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     try:
         corpus = work / "corpus.txt"
@@ -224,7 +226,7 @@ def main() -> int:
 
         card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         result = {
-            "card": card, "device": str(device), "preset": args.preset, "docs": args.docs,
+            "card": card, "device": str(device), "model": spec, "docs": args.docs,
             "torch": torch.__version__, "tokens": n_tokens, "mean_tokens_per_row": mean_len,
             "ours": ours, "baseline": base,
             "ratio_vs_baseline": ours["tokens_per_s"] / base["tokens_per_s"],
