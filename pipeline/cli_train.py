@@ -1,0 +1,152 @@
+"""`pipeline train` and `pipeline evaluate`: thin commands over train.py and evaluate.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli import DeviceOption, UsageError, check_pooling, console, user_errors
+from .model import ATTENTIONS
+
+log = logging.getLogger(__name__)
+
+# Rows of the side-by-side table, in reading order, with how to print them.
+TABLE_ROWS = [("spearman", "Spearman vs score"), ("pearson", "Pearson vs score"),
+              ("accuracy", "accuracy"), ("f1", "F1"), ("precision", "precision"),
+              ("recall", "recall"), ("roc_auc", "ROC-AUC"), ("recall@1", "recall@1"),
+              ("recall@10", "recall@10"), ("mrr", "MRR"),
+              ("accuracy_threshold", "acc. threshold"), ("f1_threshold", "F1 threshold")]
+
+
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: best model, last checkpoint, log.")],
+    init: Annotated[str, typer.Option(
+        help="Start from a preset (random init: gpt2, gpt2-mini, ...), our checkpoint folder "
+        "or a Hugging Face GPT-2 folder.")] = "gpt2-mini",
+    attention: Annotated[str | None, typer.Option(
+        help=f"Override the attention: {', '.join(ATTENTIONS)}.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Override the pooling.")] = None,
+    n_positions: Annotated[int | None, typer.Option(help="Override the context length.")] = None,
+    projection_dim: Annotated[int | None, typer.Option(
+        help="Linear head after pooling; distillation defaults it to the teacher's width.")]
+    = None,
+    distill_data: Annotated[list[Path] | None, typer.Option(
+        help="Texts for distillation: one per line (.txt, .gz, .xz) or a Parquet 'text' "
+        "column. Repeatable.")] = None,
+    teacher: Annotated[str | None, typer.Option(
+        help="Teacher for distillation: st:all-MiniLM-L6-v2, st:PATH, a sentence-transformers "
+        "folder, or any --model spec.")] = None,
+    distill_loss: Annotated[str, typer.Option(help="cosine or mse.")] = "cosine",
+    distill_weight: Annotated[float, typer.Option(help="Weight of the distillation loss.")]
+    = 1.0,
+    pairs: Annotated[Path | None, typer.Option(
+        help="Scored pairs TSV (sentence1, sentence2, label, score) for CoSENT / MNRL.")] = None,
+    cosent_weight: Annotated[float, typer.Option(help="Weight of CoSENT on --pairs.")] = 1.0,
+    mnrl_weight: Annotated[float, typer.Option(
+        help="Weight of in-batch-negatives (MNRL) on the label-1 --pairs.")] = 0.0,
+    dev: Annotated[Path | None, typer.Option(
+        help="Scored pairs TSV whose Spearman picks the best checkpoint.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(
+        help="Epochs over the first objective's data (instead of --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per distillation micro-batch.")] = 256,
+    pair_batch_size: Annotated[int, typer.Option(help="Pairs per CoSENT/MNRL micro-batch.")]
+    = 64,
+    accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_tokens: Annotated[int | None, typer.Option(
+        help="Texts are cut to this many tokens. Default: the model's context.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final lr as a fraction of the peak.")]
+    = 0.0,
+    warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the init and of the batch order.")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps.")] = 500,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option(help="Log line every N steps.")] = 50,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    teacher_cache: Annotated[Path, typer.Option(help="Cache of teacher vectors.")]
+    = Path(".cache/teacher"),
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="Discard the run in --out instead of resuming it.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: DeviceOption = None,
+):
+    """Train the encoder (distillation, CoSENT, MNRL); resumes the run in --out if there is one."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    check_pooling(pooling)
+    if attention is not None and attention not in ATTENTIONS:
+        raise UsageError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTIONS)}")
+    cfg = TrainConfig(
+        out=str(out), init=init, attention=attention, pooling=pooling, n_positions=n_positions,
+        projection_dim=projection_dim, distill_data=tuple(str(p) for p in distill_data or ()),
+        teacher=teacher, distill_loss=distill_loss, distill_weight=distill_weight,
+        pairs=str(pairs) if pairs else None, cosent_weight=cosent_weight,
+        mnrl_weight=mnrl_weight, dev=str(dev) if dev else None, steps=steps, epochs=epochs,
+        batch_size=batch_size, pair_batch_size=pair_batch_size, accum=accum,
+        max_tokens=max_tokens, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
+        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
+        save_every=save_every, log_every=log_every, device=device, bf16=bf16,
+        teacher_cache=str(teacher_cache))
+    summary = run_training(cfg, restart=restart, progress=progress)
+    best = summary.get("best_dev_spearman")
+    console.print(f"trained {summary['steps']} steps into {out}"
+                  + (f" (resumed at step {summary['resumed_from']})"
+                     if summary["resumed_from"] else "")
+                  + (f"; best dev Spearman {best:.4f}" if best is not None else ""),
+                  highlight=False, soft_wrap=True)
+
+
+def evaluate(
+    model: Annotated[list[str], typer.Option(
+        "--model", "-m", help="Model to evaluate (repeat for a side-by-side table): checkpoint "
+        "folder, random:PRESET[:SEED], st:all-MiniLM-L6-v2, st:PATH or a "
+        "sentence-transformers folder.")],
+    data: Annotated[Path, typer.Option(
+        help="TSV with sentence1, sentence2, label (and score) columns.")],
+    threshold_data: Annotated[Path | None, typer.Option(
+        help="TSV on which the label thresholds are chosen. Default: dev.tsv beside --data "
+        "(unless --data is dev.tsv; then --data itself).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Also write the JSON results here.")] = None,
+    device: DeviceOption = None,
+):
+    """Spearman/Pearson vs score, accuracy/F1/ROC-AUC vs label, retrieval recall@k and MRR."""
+    from .evaluate import evaluate_models
+
+    if not data.is_file():
+        raise UsageError(f"cannot read {data}: no such file")
+    if threshold_data is not None and not threshold_data.is_file():
+        raise UsageError(f"cannot read {threshold_data}: no such file")
+    results = evaluate_models(model, data, threshold_data, device)
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(results, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"{data}: {int(results[0]['metrics']['pairs'])} pairs; cosine "
+                  f"thresholds from {results[0]['threshold_data']}; recall@k/MRR: each "
+                  "sentence1 of a label-1 pair finds its sentence2")
+    table.add_column("metric")
+    for res in results:
+        table.add_column(res["model"], justify="right", overflow="fold")
+    for key, label in TABLE_ROWS:
+        if any(key in r["metrics"] for r in results):
+            table.add_row(label, *(f"{r['metrics'][key]:.4f}" if key in r["metrics"] else "-"
+                                   for r in results))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and `evaluate` to the pipeline app."""
+    app.command(name="train")(user_errors(train))
+    app.command(name="evaluate")(user_errors(evaluate))
