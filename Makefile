@@ -100,7 +100,8 @@ DISTILL_TEXTS ?= .cache/distill_sentences.txt
 TRAIN_DIR     ?= .cache/train
 MODEL_DIR     ?= pipeline/models/default
 BASE          ?= gpt2-mini
-DISTILL_STEPS ?= 30000
+DISTILL_STEPS ?= 12000
+DISTILL_BATCH ?= 512
 DISTILL_LR    ?= 1e-3
 POOLING       ?= mean
 TRAIN_DEVICE  ?=
@@ -124,8 +125,8 @@ model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS)
 	    --attention bidirectional --pooling $(POOLING) --n-positions 256 --max-tokens 256 \
 	    --distill-data $(DISTILL_TEXTS) --distill-data data_sets/debian_packages.parquet \
 	    --teacher $(TEACHER) --distill-loss cosine --dev data_sets/dev.tsv \
-	    --steps $(DISTILL_STEPS) --batch-size 256 --lr $(DISTILL_LR) --warmup 0.02 \
-	    --eval-every 2500 --save-every 2500 --log-every 100 $(TRAIN_OPTS)
+	    --steps $(DISTILL_STEPS) --batch-size $(DISTILL_BATCH) --lr $(DISTILL_LR) --warmup 0.02 \
+	    --eval-every 1000 --save-every 1000 --log-every 100 $(TRAIN_OPTS)
 	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-cosent --init $(TRAIN_DIR)/$(BASE)-distill \
 	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs 4 --pair-batch-size 32 \
 	    --lr 1e-4 --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 $(TRAIN_OPTS)
