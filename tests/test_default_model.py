@@ -1,0 +1,38 @@
+"""The committed default model: what its folder records, and its STS-B test score on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.encoder import DEFAULT_MODEL_DIR, Encoder, default_model_spec
+from pipeline.evaluate import evaluate_embedder, read_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+BAR = 0.80  # issue 6: STS-B test Spearman of the default model
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
+                                reason="no default model committed yet")
+
+
+def test_default_model_folder():
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["attention"] in ("causal", "bidirectional")
+    assert config["pooling"] and config["projection_dim"] >= 0
+    assert config["n_layer"] <= 4 and config["n_embd"] <= 256  # the CPU budget of `make index`
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 40e6
+    for name in ("train_log.jsonl", "eval_test.json"):
+        assert (DEFAULT_MODEL_DIR / name).is_file(), name
+    assert default_model_spec() == str(DEFAULT_MODEL_DIR)
+
+
+def test_default_model_meets_the_sts_bar():
+    enc = Encoder.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    metrics = evaluate_embedder(enc.embed_texts, read_pairs(ROOT / "data_sets" / "test.tsv"),
+                                read_pairs(ROOT / "data_sets" / "dev.tsv"))
+    assert metrics["spearman"] >= BAR, metrics
+    # The committed eval results were measured on this model (CPU and GPU differ by rounding).
+    recorded = json.loads((DEFAULT_MODEL_DIR / "eval_test.json").read_text())
+    ours = next(r for r in recorded if Path(r["model"]).name == DEFAULT_MODEL_DIR.name)
+    assert ours["metrics"]["spearman"] == pytest.approx(metrics["spearman"], abs=0.01)
