@@ -463,16 +463,14 @@ def write_matrix(out: Path, sentences: list[str], matrix) -> None:
     tmp.replace(out)
 
 
-def _register_optional_commands() -> None:
-    """train / evaluate live in cli_train.py (issue 6) while that work is in progress."""
-    try:
-        from .cli_train import register
-    except ImportError:
-        return
+def _register_training_commands() -> None:
+    """train / evaluate live in cli_train.py beside the training code they drive."""
+    from .cli_train import register
+
     register(app)
 
 
-_register_optional_commands()
+_register_training_commands()
 
 if __name__ == "__main__":
     app()
