@@ -470,7 +470,10 @@ def _register_training_commands() -> None:
     register(app)
 
 
-_register_training_commands()
-
 if __name__ == "__main__":
-    app()
+    # `python -m pipeline.cli`: run the package module's app, which cli_train extends.
+    from pipeline.cli import app as package_app
+
+    package_app()
+else:
+    _register_training_commands()

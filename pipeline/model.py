@@ -10,7 +10,6 @@ Only what embeddings need is here: no LM head, KV cache or dropout at inference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .tokenizer import sha256_file
 
 POOLINGS = ("mean", "weighted-mean", "last", "max", "first")
 ATTENTIONS = ("causal", "bidirectional")
@@ -286,11 +287,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def weights_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | None = None,

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .tokenizer import sha256_file
+
 FORMAT_VERSION = 1
 
 
@@ -96,13 +98,7 @@ def shard_name(number: int) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(path))
 
 
 def read_manifest(index_dir: str | Path) -> dict:
