@@ -139,7 +139,7 @@ class Block(nn.Module):
 class GPT2Model(nn.Module):
     """Token ids -> last hidden states (after the final LayerNorm), and pooled embeddings."""
 
-    def __init__(self, cfg: GPT2Config):
+    def __init__(self, cfg: GPT2Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -147,6 +147,8 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.proj = nn.Linear(cfg.n_embd, cfg.projection_dim) if cfg.projection_dim else None
+        if not init_weights:  # weights about to be loaded: GPT-2's init would be wasted time
+            return
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer)).
         for name, p in self.named_parameters():
@@ -321,8 +323,7 @@ def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
                                 "(config.json and model.safetensors expected)")
     cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
     cfg = replace(cfg, **overrides)
-    with torch.device("meta"):  # no random init of weights about to be replaced
-        model = GPT2Model(cfg)
+    model = GPT2Model(cfg, init_weights=False)
     sd = from_hf_state_dict(load_file(str(weights)))
     missing, unexpected = model.load_state_dict(
         {k: v.float() for k, v in sd.items()}, strict=False, assign=True)
