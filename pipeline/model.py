@@ -311,22 +311,28 @@ def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | N
     return folder
 
 
-def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
-    """Load a checkpoint folder: ours, or a Hugging Face GPT-2 (config.json + model.safetensors).
-
-    overrides replace config fields (e.g. attention="bidirectional") before building.
-    """
+def read_checkpoint(folder: str | Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """The config and fp32 weights (our names) of a checkpoint folder: ours, or a Hugging Face
+    GPT-2 (config.json + model.safetensors). FileNotFoundError if it is not one."""
     folder = Path(folder)
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder "
                                 "(config.json and model.safetensors expected)")
     cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
+    sd = {k: v.float() for k, v in from_hf_state_dict(load_file(str(weights))).items()}
+    return cfg, sd
+
+
+def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
+    """Load a checkpoint folder (see read_checkpoint).
+
+    overrides replace config fields (e.g. attention="bidirectional") before building.
+    """
+    cfg, sd = read_checkpoint(folder)
     cfg = replace(cfg, **overrides)
     model = GPT2Model(cfg, init_weights=False)
-    sd = from_hf_state_dict(load_file(str(weights)))
-    missing, unexpected = model.load_state_dict(
-        {k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not fit the config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

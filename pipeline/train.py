@@ -55,6 +55,7 @@ from .model import (
     GPT2Model,
     from_hf_state_dict,
     pool,
+    read_checkpoint,
     save_checkpoint,
     weights_sha256,
 )
@@ -324,18 +325,16 @@ def build_model(init: str, seed: int = 0, **overrides) -> GPT2Model:
     torch.manual_seed(seed)
     if init in PRESETS:
         return GPT2Model(replace(PRESETS[init], **overrides))
-    folder = Path(init)
-    config_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
+    try:
+        old, sd = read_checkpoint(init)
+    except FileNotFoundError:
         raise TrainError(f"--init {init!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                         "checkpoint folder (config.json + model.safetensors)")
-    old = GPT2Config.from_dict(json.loads(config_path.read_text()))
+                         "checkpoint folder (config.json + model.safetensors)") from None
     cfg = replace(old, **overrides)
     if cfg.n_positions > old.n_positions:
         raise TrainError(f"--n-positions {cfg.n_positions} exceeds the checkpoint's "
                          f"{old.n_positions}")
     model = GPT2Model(cfg)
-    sd = {k: v.float() for k, v in from_hf_state_dict(load_file(str(weights))).items()}
     sd["wpe.weight"] = sd["wpe.weight"][: cfg.n_positions]
     if cfg.projection_dim != old.projection_dim:
         sd = {k: v for k, v in sd.items() if not k.startswith("proj.")}
