@@ -197,7 +197,8 @@ def run_cli(*args, **kwargs):
 def test_killed_embed_resumes_to_identical_result(tmp_path, sig):
     corpus = tmp_path / "corpus.jsonl"
     make_corpus(corpus, 1500)
-    model = ["--model", "random:gpt2-mini", "--device", "cpu"]
+    # fp32: slow enough (~0.2 s a shard) that the signal lands mid-run on any CPU
+    model = ["--model", "random:gpt2-mini", "--device", "cpu", "--precision", "fp32"]
     for name in ("clean", "killed"):
         ok("tokenize", corpus, "--index", tmp_path / name, "--shard-rows", 100)
     ok("embed", "--index", tmp_path / "clean", *model)
