@@ -13,6 +13,8 @@ L2-normalised).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,73 +54,118 @@ def check_model_matches(manifest: dict, encoder: Encoder, index_dir: Path) -> No
                 "--index")
 
 
-def embed_shard(encoder: Encoder, table: pa.Table, dtype: str, batch_tokens: int,
-                progress=None) -> tuple[pa.Table, int]:
-    """One token shard -> its embedding table (same rows, same order) and its token count."""
-    tokens = table["tokens"].combine_chunks()  # Arrow list: flat values + offsets, no copies
+def shard_tokens(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A token shard's `tokens` column as (flat ids, offsets): Arrow's own layout, no copies."""
+    tokens = table["tokens"].combine_chunks()
     offsets = tokens.offsets.to_numpy().astype(np.int64)
     values = tokens.values.to_numpy()[offsets[0]:offsets[-1]]
-    offsets -= offsets[0]
-    vectors = encoder.embed_flat(values, offsets, batch_tokens, progress=progress)
-    out = pa.table({"row": table["row"], "doc_id": table["doc_id"], "chunk": table["chunk"],
-                    "embedding": vectors_to_arrow(vectors.astype(DTYPES[dtype]))})
-    return out, int(offsets[-1])
+    return values, offsets - offsets[0]
+
+
+def embedding_table(table: pa.Table, vectors: np.ndarray) -> pa.Table:
+    """The embedding shard of a token shard: same rows, same order."""
+    return pa.table({"row": table["row"], "doc_id": table["doc_id"], "chunk": table["chunk"],
+                     "embedding": vectors_to_arrow(vectors)})
 
 
 def write_embedding_shard(index_dir: Path, name: str, table: pa.Table) -> dict:
     # Vectors do not compress (zstd saved ~5% at 10x the write time).
-    path = atomic_write_table(table, index_dir / EMBEDDINGS_DIR / name, compression="none")
+    path = atomic_write_table(table, index_dir / EMBEDDINGS_DIR / name, compression="none",
+                              vector_column="embedding")
     return {"rows": table.num_rows, "sha256": file_sha256(path)}
 
 
-def embed_worker(index_dir: Path, spec: str, device: str, pooling: str, precision: str,
-                 dtype: str, batch_tokens: int, tasks, results) -> None:
-    """One device's worker process: embed shards named on `tasks` until a None arrives."""
-    try:
-        encoder = Encoder.load(spec, device, pooling, precision)
-        while (name := tasks.get()) is not None:
-            table = pq.read_table(index_dir / TOKENS_DIR / name)
-            out, n_tokens = embed_shard(encoder, table, dtype, batch_tokens)
-            results.put(("done", name, write_embedding_shard(index_dir, name, out), n_tokens))
-    except BaseException as err:  # reported to the parent, which stops the run
-        results.put(("error", device, f"{type(err).__name__}: {err}", 0))
-    results.put(("exit", device, None, 0))
+IN_FLIGHT = 3  # shards per device between "queued on the GPU" and "written": bounds memory
 
 
-def embed_with_workers(index_dir: Path, todo: list[dict], devices: list[str], encoder: Encoder,
-                       dtype: str, batch_tokens: int, commit, bar) -> int:
-    """Spread shards over one worker process per device; returns the tokens embedded."""
-    import torch.multiprocessing as mp
+def embed_shards(index_dir: Path, todo: list[dict], encoders: list[Encoder], dtype: str,
+                 batch_tokens: int, commit, bar, timings: dict) -> int:
+    """Embed the `todo` shards; returns the tokens embedded. `commit(name, record)` is called
+    in this thread for each shard once its file is written.
 
-    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
-    tasks, results = ctx.Queue(), ctx.Queue()
+    One thread per device takes the next shard and queues its batches on the GPU without
+    waiting for them; reader threads fetch shards ahead and writer threads collect finished
+    vectors and write them, so the GPUs never wait for the disk or for each other.
+    """
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
     for shard in todo:
-        tasks.put(shard["name"])
-    for _ in devices:
-        tasks.put(None)
-    workers = [ctx.Process(target=embed_worker, daemon=True, args=(
-        index_dir, encoder.spec, d, encoder.pooling, encoder.precision, dtype, batch_tokens,
-        tasks, results)) for d in devices]
-    for w in workers:
-        w.start()
-    rows = {s["name"]: s["rows"] for s in todo}
-    n_tokens, running = 0, len(workers)
+        tasks.put(shard)
+    events: queue.SimpleQueue = queue.SimpleQueue()  # (name, record, tokens) or an error
+    stop, lock = threading.Event(), threading.Lock()
+    readers = ThreadPoolExecutor(len(encoders), thread_name_prefix="read")
+    writers = ThreadPoolExecutor(len(encoders) + 1, thread_name_prefix="write")
+
+    def timed(key, started):
+        with lock:
+            timings[key] += time.perf_counter() - started
+
+    def read(shard):
+        t = time.perf_counter()
+        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
+        values, offsets = shard_tokens(table)
+        timed("read_s", t)
+        return table, values, offsets
+
+    def finish(shard, table, pending, n_tokens, slots):
+        try:
+            t = time.perf_counter()
+            vectors = pending.result()
+            timed("wait_s", t)
+            t = time.perf_counter()
+            record = write_embedding_shard(index_dir, shard["name"],
+                                           embedding_table(table, vectors))
+            timed("write_s", t)
+            with lock:
+                timings["gpu_s"] += pending.gpu_seconds
+            events.put((shard["name"], record, n_tokens))
+        except BaseException as err:  # reported to the main thread, which stops the run
+            events.put(err)
+        finally:
+            slots.release()
+
+    def next_task():
+        try:
+            return None if stop.is_set() else tasks.get_nowait()
+        except queue.Empty:
+            return None
+
+    def device_loop(encoder):
+        slots = threading.Semaphore(IN_FLIGHT)
+        try:
+            shard = next_task()
+            ahead = readers.submit(read, shard) if shard else None
+            while shard is not None:
+                table, values, offsets = ahead.result()
+                following = next_task()
+                ahead = readers.submit(read, following) if following else None
+                slots.acquire()
+                t = time.perf_counter()
+                pending = encoder.start_embed_flat(values, offsets, batch_tokens, bar,
+                                                   DTYPES[dtype])
+                timed("queue_s", t)
+                writers.submit(finish, shard, table, pending, int(offsets[-1]), slots)
+                shard = following
+        except BaseException as err:
+            events.put(err)
+
+    loops = [threading.Thread(target=device_loop, args=(e,), daemon=True) for e in encoders]
+    for loop in loops:
+        loop.start()
+    n_tokens = 0
     try:
-        while running:
-            kind, name, payload, tokens = results.get()
-            if kind == "error":
-                raise RuntimeError(f"embedding worker on {name} failed: {payload}")
-            if kind == "exit":
-                running -= 1
-                continue
-            commit(name, payload)
+        for _ in todo:  # every shard ends as one event: written, or an error that stops all
+            event = events.get()
+            if isinstance(event, BaseException):
+                raise event
+            name, record, tokens = event
+            commit(name, record)
             n_tokens += tokens
-            bar.update(rows[name])
     finally:
-        for w in workers:
-            if w.is_alive() and running:
-                w.terminate()
-            w.join()
+        stop.set()
+        for loop in loops:
+            loop.join()
+        readers.shutdown(cancel_futures=True)
+        writers.shutdown(cancel_futures=True)
     return n_tokens
 
 
@@ -129,8 +176,8 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
               devices: list[str] | None = None) -> dict:
     """Embed every token shard not yet recorded as done; returns the manifest's embed section.
 
-    `devices` (several) runs one worker process per device, each taking the next unfinished
-    shard; this process alone records finished shards in the manifest.
+    `devices` (several) runs one thread per device, each with its own copy of the model,
+    taking the next unfinished shard; only the calling thread records finished shards.
     """
     from tqdm import tqdm
 
@@ -174,51 +221,22 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
     todo = [s for s in shards if s["name"] not in done]
     total_rows = sum(s["rows"] for s in todo)
-    started, n_tokens = time.perf_counter(), 0
-    timings = {"read_s": 0.0, "embed_s": 0.0, "write_s": 0.0}
-
-    def read(shard):
-        t = time.perf_counter()
-        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
-        timings["read_s"] += time.perf_counter() - t
-        return table
-
-    def write(shard, out):
-        t = time.perf_counter()
-        record = write_embedding_shard(index_dir, shard["name"], out)
-        timings["write_s"] += time.perf_counter() - t
-        return shard["name"], record
+    encoders = [encoder] + [Encoder.load(model, d, pooling, precision)
+                            for d in (devices or [])[1:]]
+    started, written = time.perf_counter(), [0]
+    timings = dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0)
 
     def commit(name, record):
         done[name] = record  # `done` is inside `manifest`: record only finished files
         write_manifest(index_dir, manifest)
+        written[0] += record["rows"]
+        rate = written[0] / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(written=f"{rate:,.0f} doc/s")
 
     with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
               delay=1, disable=total_rows == 0) as bar:
-        if devices and len(devices) > 1:
-            n_tokens = embed_with_workers(index_dir, todo, devices, encoder, dtype,
-                                          batch_tokens, commit, bar)
-        else:
-            # Reading shard k+1 and writing shard k-1 overlap the model's work on shard k.
-            with ThreadPoolExecutor(2) as io:
-                next_table = io.submit(read, todo[0]) if todo else None
-                pending_write = None
-                for k, shard in enumerate(todo):
-                    table = next_table.result()
-                    if k + 1 < len(todo):
-                        next_table = io.submit(read, todo[k + 1])
-                    t = time.perf_counter()
-                    out, shard_tokens = embed_shard(encoder, table, dtype, batch_tokens,
-                                                    progress=bar)
-                    timings["embed_s"] += time.perf_counter() - t
-                    n_tokens += shard_tokens
-                    if pending_write is not None:
-                        commit(*pending_write.result())
-                    pending_write = io.submit(write, shard, out)
-                    rate = n_tokens / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(tok_s=f"{rate:,.0f}")
-                if pending_write is not None:
-                    commit(*pending_write.result())
+        n_tokens = embed_shards(index_dir, todo, encoders, dtype, batch_tokens, commit, bar,
+                                timings)
     elapsed = time.perf_counter() - started
     section["stats"] = {"rows": total_rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
                         "docs_per_s": round(total_rows / max(elapsed, 1e-9), 1),

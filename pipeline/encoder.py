@@ -151,6 +151,34 @@ def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+class PendingVectors:
+    """Vectors that may still be on their way from the GPU; `.result()` waits for them."""
+
+    def __init__(self, host: np.ndarray | None = None, device_tensor: torch.Tensor | None = None,
+                 started: torch.cuda.Event | None = None, ready: torch.cuda.Event | None = None):
+        self.host, self.device_tensor = host, device_tensor
+        self.started, self.ready = started, ready
+        self.gpu_seconds = 0.0  # from the first kernel to the last, once the result is in
+
+    def result(self) -> np.ndarray:
+        if self.host is None:
+            # Copy on a side stream once this shard's kernels are done, so that waiting here
+            # does not wait for kernels queued later (the next shard's) on the main stream.
+            stream = torch.cuda.Stream(self.device_tensor.device)
+            host = torch.empty(self.device_tensor.shape, dtype=self.device_tensor.dtype,
+                               pin_memory=True)
+            with torch.cuda.stream(stream):
+                stream.wait_event(self.ready)
+                host.copy_(self.device_tensor, non_blocking=True)
+            stream.synchronize()
+            self.host, self.device_tensor = host.numpy(), None
+            self.gpu_seconds = self.started.elapsed_time(self.ready) / 1e3
+        return self.host
+
+
 @dataclass
 class Encoder:
     """A loaded model on its device, with the tokenizer and pooling it embeds with."""
@@ -223,33 +251,44 @@ class Encoder:
         return self.embed_flat(values, offsets, max_batch_tokens, progress)
 
     def embed_flat(self, values: np.ndarray, offsets: np.ndarray,
-                   max_batch_tokens: int | None = None, progress=None) -> np.ndarray:
-        """Sequences given Arrow-style (flat token ids, offsets) -> (n, dim) float32 vectors.
+                   max_batch_tokens: int | None = None, progress=None,
+                   dtype: type = np.float32) -> np.ndarray:
+        """Sequences given Arrow-style (flat token ids, offsets) -> (n, dim) vectors."""
+        return self.start_embed_flat(values, offsets, max_batch_tokens, progress, dtype).result()
+
+    def start_embed_flat(self, values: np.ndarray, offsets: np.ndarray,
+                         max_batch_tokens: int | None = None, progress=None,
+                         dtype: type = np.float32) -> PendingVectors:
+        """`embed_flat` without waiting: on CUDA the work is queued on the GPU and this returns
+        at once, so the caller can queue the next shard while another thread collects these
+        vectors (`.result()`); elsewhere the vectors are computed before it returns.
 
         On CUDA in bf16, sequences are packed back to back without padding (flash attention's
         variable-length kernel); elsewhere they are padded in length-sorted batches.
         """
         max_batch_tokens = max_batch_tokens or self.default_batch_tokens
         if self.device.type == "cuda" and self.precision == "bf16":
-            return self._embed_packed(values, offsets, max_batch_tokens, progress)
+            return self._embed_packed(values, offsets, max_batch_tokens, progress, dtype)
         token_lists = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
         out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
         for batch in plan_batches([len(t) for t in token_lists], max_batch_tokens):
             out[batch] = self.embed_batch([token_lists[i] for i in batch])
             if progress is not None:
                 progress.update(len(batch))
-        return out
+        return PendingVectors(host=out.astype(dtype, copy=False))
 
     @torch.inference_mode()
     def _embed_packed(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int,
-                      progress=None) -> np.ndarray:
+                      progress=None, dtype: type = np.float32) -> PendingVectors:
         n = len(offsets) - 1
         if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return PendingVectors(host=np.zeros((0, self.dim), dtype=dtype))
         offsets = np.asarray(offsets, dtype=np.int64)
         lengths = np.diff(offsets)
-        # One host-to-device copy per call; batches are then slices on the GPU, and the
-        # only synchronisation is the copy of all results at the end.
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
+        # One host-to-device copy per call; batches are then slices on the GPU. Nothing here
+        # waits for the GPU: the host runs ahead, queueing kernels, until the queue is full.
         ids = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         offs = torch.from_numpy(offsets.astype(np.int32)).pin_memory()
@@ -263,7 +302,11 @@ class Encoder:
                                                    self.pooling)
                 if progress is not None:
                     progress.update(b - a)
-        return out.cpu().numpy()
+        # float16 output is converted on the GPU: half the bytes to copy back.
+        out = out.to(TORCH_DTYPES[np.dtype(dtype)])
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        return PendingVectors(device_tensor=out, started=started, ready=done)
 
     def embed_texts(self, texts: Sequence[str], max_batch_tokens: int | None = None
                     ) -> np.ndarray:
