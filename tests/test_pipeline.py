@@ -246,7 +246,7 @@ def test_read_rows_across_row_groups_and_shards(tmp_path):
 
 
 def test_several_workers_give_the_same_shards(tmp_path):
-    """--devices runs one worker process per device; here two CPU workers stand in for GPUs."""
+    """--devices runs one thread per device; here two CPU encoders stand in for GPUs."""
     corpus = tmp_path / "c.jsonl"
     make_corpus(corpus, 600)
     for name in ("one", "two"):
