@@ -17,9 +17,11 @@ import typer
 from rich.console import Console
 
 from . import query
-from .encoder import Encoder, ModelSpecError
-from .model import POOLINGS
+from .query_encoder import POOLINGS
 from .tokenizer import TokenizerError
+
+# torch (via .encoder and .model) is imported by the commands that run the model, not here:
+# `pipeline search` embeds its query without it (query_encoder), and importing torch is ~1 s.
 
 app = typer.Typer(
     add_completion=False,
@@ -35,8 +37,9 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 1."""
 
 
-USER_ERRORS = (UsageError, ModelSpecError, TokenizerError, FileNotFoundError,
-               IsADirectoryError, PermissionError, UnicodeDecodeError, ValueError)
+# ValueError includes encoder.ModelSpecError (an unknown --model) and shards.IndexFolderError.
+USER_ERRORS = (UsageError, TokenizerError, FileNotFoundError, IsADirectoryError,
+               PermissionError, UnicodeDecodeError, ValueError)
 
 
 def user_errors(fn):
@@ -155,6 +158,8 @@ def embed(
                               f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
                               f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
         return
+    from .encoder import Encoder
+
     if sentence is not None:
         require_text(sentence, "--sentence")
         enc = Encoder.load(model, device, pooling, precision)
@@ -200,6 +205,8 @@ def similarity(
     check_pooling(pooling)
     require_text(sentence1, "--sentence1")
     require_text(sentence2, "--sentence2")
+    from .encoder import Encoder
+
     enc = Encoder.load(model, device, pooling)
     a, b = enc.embed_texts([sentence1, sentence2])
     metrics = query.all_metrics(a, b) if all_metrics else {"cosine": query.cosine(a, b)}
@@ -292,7 +299,9 @@ def search(
     out: Annotated[Path | None, typer.Option(help="Parquet output for --queries.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     model: ModelOption = None,
-    device: DeviceOption = None,
+    device: Annotated[str | None, typer.Option(
+        help="Where queries are embedded. Default: the CPU, in numpy (no torch import); cuda "
+        "or cuda:N: torch on that GPU.")] = None,
 ):
     """Stage 4: nearest documents to a query (or to each line of --queries)."""
     from .search import search as run_search
@@ -367,6 +376,8 @@ def similarity_matrix(
         sentences = [line for line in read_lines(file) if line.strip()]
         if len(sentences) < 2:
             raise UsageError(f"{file} needs at least two non-empty lines")
+        from .encoder import Encoder
+
         vectors = Encoder.load(model, device).embed_texts(sentences)
     else:
         from .shards import load_vectors, read_rows

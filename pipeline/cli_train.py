@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from .cli import DeviceOption, UsageError, check_pooling, console, user_errors
-from .model import ATTENTIONS
+from .query_encoder import ATTENTIONS  # model.py's, without importing torch
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .encoder import Encoder
+from .query_encoder import NotSupported, QueryEncoder
 from .shards import IndexFolderError, read_rows, require_embeddings
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+ENGINES = ("auto", "numpy", "torch")
 
 
 @dataclass
@@ -44,10 +50,29 @@ def merge_chunk_hits(rows: Sequence[int], scores: Sequence[float], doc_ids: Sequ
     return merged
 
 
-def load_search_encoder(index_dir: Path, model: str | None, device: str | None) -> Encoder:
-    """The encoder the index was built with; refuses a model whose weights differ."""
+def load_search_encoder(index_dir: Path, model: str | None, device: str | None,
+                        engine: str = "auto") -> Encoder | QueryEncoder:
+    """The encoder the index was built with; refuses a model whose weights differ.
+
+    engine "auto": on the CPU (no --device, or cpu) the numpy forward of query_encoder, which
+    spares the ~1 s import of torch; torch's Encoder for another device and for models the
+    numpy forward does not read (random presets, bf16 weights). "numpy" / "torch" force one.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
     identity = require_embeddings(index_dir)["embed"]["identity"]
-    encoder = Encoder.load(model or identity["model"], device, identity["pooling"])
+    spec = model or identity["model"]
+    encoder = None
+    if engine == "numpy" or (engine == "auto" and device in (None, "cpu")):
+        try:
+            encoder = QueryEncoder.load(spec, identity["pooling"])
+        except NotSupported:
+            if engine == "numpy":
+                raise
+    if encoder is None:
+        from .encoder import Encoder
+
+        encoder = Encoder.load(spec, device, identity["pooling"])
     if encoder.sha256 != identity["model_sha256"]:
         raise IndexFolderError(
             f"{index_dir} was embedded with another model ({identity['model']}, sha256 "
@@ -57,14 +82,15 @@ def load_search_encoder(index_dir: Path, model: str | None, device: str | None) 
 
 
 def search(index_dir: str | Path, queries: Sequence[str], k: int = 10,
-           model: str | None = None, device: str | None = None) -> list[list[Hit]]:
-    """Top-k documents for each query."""
+           model: str | None = None, device: str | None = None,
+           engine: str = "auto") -> list[list[Hit]]:
+    """Top-k documents for each query (engine: see load_search_encoder)."""
     from .index import load_index
 
     index_dir = Path(index_dir)
     if k < 1:
         raise ValueError("-k must be at least 1")
-    encoder = load_search_encoder(index_dir, model, device)
+    encoder = load_search_encoder(index_dir, model, device, engine)
     index, _info = load_index(index_dir)
     if len(queries) < 16:
         import faiss
