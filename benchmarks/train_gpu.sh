@@ -54,7 +54,7 @@ gpt2)
     echo "gpt2: $STEPS distillation steps from $SECONDS s" | tee /tmp/logs/make_gpt2.log
     timeout $((LIMIT - SECONDS - 5)) make model PY=python3 RUNTIME= TRAIN_DEPS= TRAIN_DEVICE=cuda \
         TEACHER=st:/tmp/teacher DISTILL_TEXTS=.cache/gpu/distill_sentences.txt.xz \
-        TRAIN_DIR=/tmp/train MODEL_DIR=/tmp/gpt2-124m BASE=gpt2 DISTILL_LR=5e-4 \
+        TRAIN_DIR=/tmp/train MODEL_DIR=/tmp/gpt2-124m BASE=gpt2 DISTILL_LR=${GPT2_LR:-2e-4} \
         DISTILL_STEPS=$STEPS 2>&1 | tee -a /tmp/logs/make_gpt2.log \
         || echo "make model BASE=gpt2 failed or timed out" | tee -a /tmp/logs/make_gpt2.log
     mkdir -p /tmp/logs/gpt2 && cp /tmp/gpt2-124m/*.json* /tmp/logs/gpt2/ 2>/dev/null || true

@@ -64,6 +64,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("distill", "cosent", "mnrl")
+MAX_CONSECUTIVE_SKIPS = 20  # non-finite gradients in a row that mean a diverged run
 DISTILL_LOSSES = ("cosine", "mse")
 # Batches are cut from length-sorted chunks of this many batches: little padding, and still
 # a different mix of texts in every batch from epoch to epoch.
@@ -661,7 +662,8 @@ def train(cfg: TrainConfig, restart: bool = False, progress: bool = True,
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     window_loss = {o.name: torch.zeros((), device=device) for o in objectives}
-    window_steps, window_tokens = 0, 0
+    window_steps, window_tokens, window_grad_norm = 0, 0, 0.0
+    skipped = consecutive_skips = window_skips = 0
     window_start = time.perf_counter()
     run_start = time.perf_counter()
     last_loss = float("nan")
@@ -680,8 +682,22 @@ def train(cfg: TrainConfig, restart: bool = False, progress: bool = True,
                     window_loss[obj.name] += part.detach() / cfg.accum
                     window_tokens += n_tokens
                 (loss / cfg.accum).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                window_grad_norm += grad_norm
+                consecutive_skips = 0
+            else:
+                # A non-finite gradient would turn every weight into NaN for good: skip the
+                # update, and stop if it keeps happening (the run has diverged).
+                skipped += 1
+                window_skips += 1
+                consecutive_skips += 1
+                log.warning("step %d: gradient norm %s, update skipped", step + 1, grad_norm)
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise ValueError(
+                        f"training diverged: {consecutive_skips} steps in a row with non-finite "
+                        f"gradients (step {step + 1}, lr {lr:.2e}); try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             window_steps += 1
             done = step + 1
@@ -690,6 +706,9 @@ def train(cfg: TrainConfig, restart: bool = False, progress: bool = True,
                 elapsed = time.perf_counter() - window_start
                 rec = {"step": done, "loss": sum(o.weight * losses[o.name] for o in objectives),
                        **{f"loss_{k}": v for k, v in losses.items()}, "lr": lr,
+                       "grad_norm": round(window_grad_norm / max(window_steps - window_skips, 1),
+                                          4),
+                       "skipped_steps": skipped,
                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
                        "elapsed_s": round(time.perf_counter() - run_start, 2)}
                 log_file.write(json.dumps(rec) + "\n")
@@ -697,7 +716,7 @@ def train(cfg: TrainConfig, restart: bool = False, progress: bool = True,
                 last_loss = rec["loss"]
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 window_loss = {o.name: torch.zeros((), device=device) for o in objectives}
-                window_steps, window_tokens = 0, 0
+                window_steps, window_tokens, window_grad_norm, window_skips = 0, 0, 0.0, 0
                 window_start = time.perf_counter()
             if dev is not None and (done % cfg.eval_every == 0 or done == steps):
                 score = dev.spearman(model, device, autocast)

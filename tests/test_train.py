@@ -324,3 +324,29 @@ def test_export_shards_and_merge(tmp_path):
     mask = torch.ones_like(ids)
     np.testing.assert_allclose(merged.embed(ids, mask).detach(), model.embed(ids, mask).detach(),
                                atol=2e-3)
+
+
+def test_non_finite_gradient_skips_the_update(data, monkeypatch):
+    import pipeline.train as train_module
+
+    real = train_module.objective_loss
+
+    def nan_at_batch_3(obj, k, *args):
+        part, n_tokens = real(obj, k, *args)
+        return (part * float("nan") if k == 3 else part), n_tokens
+
+    monkeypatch.setattr(train_module, "objective_loss", nan_at_batch_3)
+    cfg = tiny_config(data, "nan")
+    train(cfg, progress=False)
+    recs = [json.loads(x) for x in (Path(cfg.out) / "train_log.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in recs if "loss" in r}
+    assert steps[3]["skipped_steps"] == 0 and steps[4]["skipped_steps"] == 1
+    assert steps[12]["skipped_steps"] == 1 and math.isfinite(steps[12]["loss"])
+    model = load_pretrained(cfg.out)  # the kept checkpoint has no NaN in it
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # A run whose every gradient is NaN stops with a one-line reason instead of training on.
+    monkeypatch.setattr(train_module, "objective_loss",
+                        lambda obj, k, *a: (real(obj, k, *a)[0] * float("nan"), 1))
+    with pytest.raises(ValueError, match="diverged"):
+        train(tiny_config(data, "diverged", steps=30), progress=False)
