@@ -246,26 +246,55 @@ def tokenize(
     shard_rows: Annotated[int, typer.Option(help="Rows per shard (bounds memory).")] = 50_000,
     force: Annotated[bool, typer.Option(help="Re-tokenize even if the tokens are current.")]
     = False,
+    embed: Annotated[bool, typer.Option(
+        "--embed", help="Also embed, each shard as soon as it is tokenized (stages overlap); "
+        "the options below are `embed`'s.")] = False,
+    model: ModelOption = None,
+    pooling: PoolingOption = None,
+    device: DeviceOption = None,
+    dtype: Annotated[str, typer.Option(help="With --embed: float32 or float16.")] = "float32",
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="With --embed: tokens per forward pass.")] = None,
+    precision: Annotated[str, typer.Option(help="With --embed: auto, fp32 or bf16.")] = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="With --embed: one thread per device, e.g. cuda:0,cuda:1, or 'all'.")] = None,
 ):
-    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/."""
+    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/ (--embed: and
+    stage 2 at the same time)."""
     from tqdm import tqdm
 
     from .tokenize_corpus import TokenizeSettings, run_tokenize
 
     settings = TokenizeSettings(text_field, id_field, max_tokens, overlap, shard_rows)
+    check_pooling(pooling)
+    if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
+        raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
     # delay: a run that fails at once prints its one error line and no empty bar
     with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
-        result = run_tokenize(corpus, index, settings, progress=bar, force=force)
+        if embed:
+            from .embed import run_tokenize_and_embed
+
+            result, section = run_tokenize_and_embed(
+                corpus, index, settings, model=model, device=device, pooling=pooling,
+                dtype=dtype, batch_tokens=batch_tokens, precision=precision,
+                devices=parse_devices(devices), progress=bar, force=force)
+        else:
+            result = run_tokenize(corpus, index, settings, progress=bar, force=force)
     stats = result["stats"]
     if result.get("skipped"):
         err_console.print(f"tokens in {index} are current ({stats['rows']} rows): skipped")
-        return
-    err_console.print(
-        f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
-        f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} shards) "
-        f"at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, replaced "
-        f"undecodable bytes in {stats['undecodable_replaced']}, split "
-        f"{stats['split_documents']} long documents", highlight=False)
+    else:
+        err_console.print(
+            f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
+            f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} "
+            f"shards) at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, "
+            f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
+            f"{stats['split_documents']} long documents", highlight=False)
+    if embed:
+        e = section["stats"]
+        err_console.print(f"embedded {e['rows']:,} rows ({e['tokens']:,} tokens) in "
+                          f"{e['seconds']:.1f} s: {e['tokens_per_s']:,.0f} tokens/s",
+                          highlight=False)
 
 
 @app.command("build-index")

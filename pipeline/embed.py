@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,30 +69,36 @@ def embedding_table(table: pa.Table, vectors: np.ndarray) -> pa.Table:
                      "embedding": vectors_to_arrow(vectors)})
 
 
-def write_embedding_shard(index_dir: Path, name: str, table: pa.Table) -> dict:
+def write_embedding_shard(path: Path, table: pa.Table) -> dict:
     # Vectors do not compress (zstd saved ~5% at 10x the write time).
-    path = atomic_write_table(table, index_dir / EMBEDDINGS_DIR / name, compression="none",
-                              vector_column="embedding")
+    path = atomic_write_table(table, path, compression="none", vector_column="embedding")
     return {"rows": table.num_rows, "sha256": file_sha256(path)}
 
 
 IN_FLIGHT = 3  # shards per device between "queued on the GPU" and "written": bounds memory
 
 
-def embed_shards(index_dir: Path, todo: list[dict], encoders: list[Encoder], dtype: str,
-                 batch_tokens: int, commit, bar, timings: dict) -> int:
-    """Embed the `todo` shards; returns the tokens embedded. `commit(name, record)` is called
-    in this thread for each shard once its file is written.
+END = None  # the task that ends a task queue
+
+
+def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], dtype: str,
+                 batch_tokens: int, commit, bar, timings: dict, out_dir: Path | None = None,
+                 stop: threading.Event | None = None) -> int:
+    """Embed the shards that arrive on `tasks` until END; returns the tokens embedded.
+
+    A task is (shard record, its token table or None to read it from INDEX/tokens/).
+    `commit(name, record)` is called in this thread for each shard once its file is written
+    to `out_dir` (default INDEX/embeddings/). Setting `stop` ends the work early.
 
     One thread per device takes the next shard and queues its batches on the GPU without
     waiting for them; reader threads fetch shards ahead and writer threads collect finished
     vectors and write them, so the GPUs never wait for the disk or for each other.
     """
-    tasks: queue.SimpleQueue = queue.SimpleQueue()
-    for shard in todo:
-        tasks.put(shard)
-    events: queue.SimpleQueue = queue.SimpleQueue()  # (name, record, tokens) or an error
-    stop, lock = threading.Event(), threading.Lock()
+    out_dir = out_dir or index_dir / EMBEDDINGS_DIR
+    events: queue.SimpleQueue = queue.SimpleQueue()  # (name, record, tokens), EXIT or an error
+    exit_event = object()
+    stop, lock = stop or threading.Event(), threading.Lock()
+    submitted = [0]  # shards handed to the writers
     readers = ThreadPoolExecutor(len(encoders), thread_name_prefix="read")
     writers = ThreadPoolExecutor(len(encoders) + 1, thread_name_prefix="write")
 
@@ -99,9 +106,11 @@ def embed_shards(index_dir: Path, todo: list[dict], encoders: list[Encoder], dty
         with lock:
             timings[key] += time.perf_counter() - started
 
-    def read(shard):
+    def read(task):
+        shard, table = task
         t = time.perf_counter()
-        table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
+        if table is None:
+            table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
         values, offsets = shard_tokens(table)
         timed("read_s", t)
         return table, values, offsets
@@ -112,7 +121,7 @@ def embed_shards(index_dir: Path, todo: list[dict], encoders: list[Encoder], dty
             vectors = pending.result()
             timed("wait_s", t)
             t = time.perf_counter()
-            record = write_embedding_shard(index_dir, shard["name"],
+            record = write_embedding_shard(out_dir / shard["name"],
                                            embedding_table(table, vectors))
             timed("write_s", t)
             with lock:
@@ -124,49 +133,92 @@ def embed_shards(index_dir: Path, todo: list[dict], encoders: list[Encoder], dty
             slots.release()
 
     def next_task():
-        try:
-            return None if stop.is_set() else tasks.get_nowait()
-        except queue.Empty:
-            return None
+        task = END if stop.is_set() else tasks.get()
+        if task is END:
+            tasks.put(END)  # for the other devices' threads
+        return task
 
     def device_loop(encoder):
         slots = threading.Semaphore(IN_FLIGHT)
         try:
-            shard = next_task()
-            ahead = readers.submit(read, shard) if shard else None
-            while shard is not None:
+            task = next_task()
+            ahead = readers.submit(read, task) if task is not END else None
+            while task is not END:
                 table, values, offsets = ahead.result()
                 following = next_task()
-                ahead = readers.submit(read, following) if following else None
+                ahead = readers.submit(read, following) if following is not END else None
                 slots.acquire()
                 t = time.perf_counter()
                 pending = encoder.start_embed_flat(values, offsets, batch_tokens, bar,
                                                    DTYPES[dtype])
                 timed("queue_s", t)
-                writers.submit(finish, shard, table, pending, int(offsets[-1]), slots)
-                shard = following
+                with lock:
+                    submitted[0] += 1
+                writers.submit(finish, task[0], table, pending, int(offsets[-1]), slots)
+                task = following
         except BaseException as err:
             events.put(err)
+        events.put(exit_event)
 
     loops = [threading.Thread(target=device_loop, args=(e,), daemon=True) for e in encoders]
     for loop in loops:
         loop.start()
-    n_tokens = 0
+    n_tokens, exited, finished = 0, 0, 0
     try:
-        for _ in todo:  # every shard ends as one event: written, or an error that stops all
+        # Every shard handed to a writer ends as one event: written, or an error.
+        while exited < len(loops) or finished < submitted[0]:
             event = events.get()
-            if isinstance(event, BaseException):
+            if event is exit_event:
+                exited += 1
+            elif isinstance(event, BaseException):
                 raise event
-            name, record, tokens = event
-            commit(name, record)
-            n_tokens += tokens
+            else:
+                name, record, tokens = event
+                commit(name, record)
+                finished += 1
+                n_tokens += tokens
     finally:
         stop.set()
+        tasks.put(END)  # wakes a device thread waiting for a task
         for loop in loops:
             loop.join()
         readers.shutdown(cancel_futures=True)
         writers.shutdown(cancel_futures=True)
     return n_tokens
+
+
+def load_encoders(model: str | None, device: str | None, pooling: str | None, precision: str,
+                  devices: list[str] | None) -> list[Encoder]:
+    """One encoder per device (`devices`, loaded side by side), or one on `device`."""
+    names = devices or [device]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(lambda name: Encoder.load(model, name, pooling, precision), names))
+
+
+def embed_section(encoders: list[Encoder], dtype: str, batch_tokens: int) -> dict:
+    """The manifest's embed section, before any shard is done: what makes the vectors."""
+    first = encoders[0]
+    return {"identity": first.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
+            "device": ",".join(str(e.device) for e in encoders),
+            "precision": first.precision, "shards": {}}
+
+
+def embed_stats(rows: int, n_tokens: int, elapsed: float, timings: dict) -> dict:
+    return {"rows": rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
+            "docs_per_s": round(rows / max(elapsed, 1e-9), 1),
+            "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
+            **{k: round(v, 3) for k, v in timings.items()}}
+
+
+def new_timings() -> dict:
+    return dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0)
+
+
+def check_max_tokens(max_tokens: int, encoder: Encoder) -> None:
+    if max_tokens > encoder.max_tokens:
+        raise IndexFolderError(f"tokens are cut to {max_tokens} but {encoder.spec} reads at "
+                               f"most {encoder.max_tokens}: tokenize with --max-tokens "
+                               f"{encoder.max_tokens}")
 
 
 def run_embed(index_dir: str | Path, model: str | None = None, device: str | None = None,
@@ -191,18 +243,12 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     previous = manifest.get("embed", {})
     if model is None and previous.get("identity") and not overwrite:
         model = previous["identity"]["model"]  # resume with the model the index started with
-    if devices and len(devices) > 1:
-        device = devices[0]
-    encoder = Encoder.load(model, device, pooling, precision)
-    max_tokens = manifest["tokenize"]["settings"]["max_tokens"]
-    if max_tokens > encoder.max_tokens:
-        raise IndexFolderError(f"tokens were cut to {max_tokens} but {encoder.spec} reads at "
-                               f"most {encoder.max_tokens}: re-tokenize with --max-tokens "
-                               f"{encoder.max_tokens}")
+    encoders = load_encoders(model, device, pooling, precision, devices)
+    check_max_tokens(manifest["tokenize"]["settings"]["max_tokens"], encoders[0])
     if overwrite:
         previous = {}
     else:
-        check_model_matches(manifest, encoder, index_dir)
+        check_model_matches(manifest, encoders[0], index_dir)
         if previous.get("shards") and previous.get("dtype") != dtype:
             raise IndexFolderError(f"{index_dir} holds {previous.get('dtype')} vectors: "
                                    "use --overwrite to change --dtype")
@@ -212,19 +258,18 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
         path = index_dir / EMBEDDINGS_DIR / name
         if not path.is_file() or file_sha256(path) != record["sha256"]:
             del done[name]
-    batch_tokens = batch_tokens or encoder.default_batch_tokens
-    section = {"identity": encoder.identity(), "dtype": dtype, "batch_tokens": batch_tokens,
-               "device": ",".join(devices) if devices and len(devices) > 1 else
-               str(encoder.device), "precision": encoder.precision, "shards": done}
+    batch_tokens = batch_tokens or encoders[0].default_batch_tokens
+    section = {**embed_section(encoders, dtype, batch_tokens), "shards": done}
     manifest["embed"] = section
     write_manifest(index_dir, manifest)
 
     todo = [s for s in shards if s["name"] not in done]
+    tasks: queue.Queue = queue.Queue()
+    for shard in todo:
+        tasks.put((shard, None))
+    tasks.put(END)
     total_rows = sum(s["rows"] for s in todo)
-    encoders = [encoder] + [Encoder.load(model, d, pooling, precision)
-                            for d in (devices or [])[1:]]
-    started, written = time.perf_counter(), [0]
-    timings = dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0)
+    started, written, timings = time.perf_counter(), [0], new_timings()
 
     def commit(name, record):
         done[name] = record  # `done` is inside `manifest`: record only finished files
@@ -235,13 +280,95 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
     with tqdm(total=total_rows, unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1,
               delay=1, disable=total_rows == 0) as bar:
-        n_tokens = embed_shards(index_dir, todo, encoders, dtype, batch_tokens, commit, bar,
+        n_tokens = embed_shards(index_dir, tasks, encoders, dtype, batch_tokens, commit, bar,
                                 timings)
-    elapsed = time.perf_counter() - started
-    section["stats"] = {"rows": total_rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
-                        "docs_per_s": round(total_rows / max(elapsed, 1e-9), 1),
-                        "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
-                        "skipped_shards": len(shards) - len(todo),
-                        **{k: round(v, 3) for k, v in timings.items()}}
+    section["stats"] = {**embed_stats(total_rows, n_tokens, time.perf_counter() - started,
+                                      timings), "skipped_shards": len(shards) - len(todo)}
     write_manifest(index_dir, manifest)
     return section
+
+
+def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
+                           model: str | None = None, device: str | None = None,
+                           pooling: str | None = None, dtype: str = "float32",
+                           batch_tokens: int | None = None, precision: str = "auto",
+                           devices: list[str] | None = None, progress=None,
+                           force: bool = False) -> tuple[dict, dict]:
+    """Both stages at once: each token shard is embedded as soon as it is written, so the
+    GPU starts after the first shard instead of after the whole corpus. Returns the
+    manifest's tokenize and embed sections.
+
+    The vectors go to INDEX/embeddings.tmp/ and move to INDEX/embeddings/ once the token
+    shards are in place, so the folder ends exactly as after `tokenize` then `embed`. An
+    interrupted run leaves the index as it was; rerunning starts over (the separate stages
+    resume shard by shard instead). Tokens that are already current are not redone: then
+    this is `run_embed`.
+    """
+    from tqdm import tqdm
+
+    from .tokenize_corpus import run_tokenize
+
+    index_dir = Path(index_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    encoders = load_encoders(model, device, pooling, precision, devices)
+    check_max_tokens(settings.max_tokens, encoders[0])
+    batch_tokens = batch_tokens or encoders[0].default_batch_tokens
+    staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    tasks: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def hand_over(record, table):
+        if stop.is_set():  # the embedding side failed: stop tokenizing too
+            raise RuntimeError("embedding stopped")
+        tasks.put((record, table))
+
+    def tokenize():
+        try:
+            # Spawned workers: forking this process, which runs CUDA threads, is unsafe.
+            outcome["tokenize"] = run_tokenize(corpus, index_dir, settings, progress=progress,
+                                               force=force, on_shard=hand_over,
+                                               start_method="spawn")
+        except BaseException as err:
+            outcome["error"] = err
+            stop.set()
+        tasks.put(END)
+
+    records: dict = {}
+    started, timings = time.perf_counter(), new_timings()
+    producer = threading.Thread(target=tokenize, daemon=True)
+    producer.start()
+    embedded = False
+    try:
+        with tqdm(unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,
+                  position=1) as bar:
+            # `stop` (set by a failed tokenize) ends the embedding; embed_shards sets it when
+            # it ends, which stops a tokenize still running (it only can after a failure).
+            n_tokens = embed_shards(index_dir, tasks, encoders, dtype, batch_tokens,
+                                    lambda name, record: records.update({name: record}), bar,
+                                    timings, out_dir=staging, stop=stop)
+        embedded = True
+    finally:
+        producer.join()
+        if not embedded or "error" in outcome:
+            shutil.rmtree(staging, ignore_errors=True)
+    if "error" in outcome:
+        raise outcome["error"]
+    tok = outcome["tokenize"]
+    if tok.get("skipped"):  # tokens were current: nothing was handed over
+        shutil.rmtree(staging, ignore_errors=True)
+        return tok, run_embed(index_dir, model, device, pooling, dtype, batch_tokens,
+                              precision=precision, devices=devices)
+    manifest = read_manifest(index_dir)
+    shutil.rmtree(index_dir / EMBEDDINGS_DIR, ignore_errors=True)
+    staging.rename(index_dir / EMBEDDINGS_DIR)
+    section = embed_section(encoders, dtype, batch_tokens)
+    section["shards"] = {s["name"]: records[s["name"]] for s in token_shards(manifest)}
+    section["stats"] = {**embed_stats(tok["stats"]["rows"], n_tokens,
+                                      time.perf_counter() - started, timings),
+                        "overlapped_with_tokenize": True}
+    manifest["embed"] = section
+    write_manifest(index_dir, manifest)
+    return tok, section

@@ -261,3 +261,46 @@ def test_several_workers_give_the_same_shards(tmp_path):
     for shard in sorted((tmp_path / "one" / "embeddings").glob("*.parquet")):
         assert pq.read_table(shard).equals(pq.read_table(tmp_path / "two" / "embeddings" /
                                                          shard.name))
+
+
+def test_tokenize_with_embed_equals_the_two_stages(tmp_path):
+    """--embed overlaps the stages; the index folder must end exactly as after both."""
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 600, long_every=40)
+    common = ["--max-tokens", 64, "--overlap", 8, "--shard-rows", 100]
+    ok("tokenize", corpus, "--index", tmp_path / "staged", *common)
+    ok("embed", "--index", tmp_path / "staged", "--dtype", "float16", *TINY)
+    result = ok("tokenize", corpus, "--index", tmp_path / "both", *common, "--embed",
+                "--dtype", "float16", *TINY)
+    assert "embedded" in result.stderr
+    staged, both = read_manifest(tmp_path / "staged"), read_manifest(tmp_path / "both")
+    assert both["tokenize"]["shards"] == staged["tokenize"]["shards"]
+    assert len(both["embed"]["shards"]) == 7
+    assert both["embed"]["shards"] == staged["embed"]["shards"]  # same bytes (sha256)
+    for key in ("identity", "dtype", "precision"):
+        assert both["embed"][key] == staged["embed"][key]
+    assert not (tmp_path / "both" / "embeddings.tmp").exists()
+    # The next stages take it as they take the staged one; a rerun finds everything current.
+    hits = {}
+    for name in ("staged", "both"):
+        ok("build-index", "--index", tmp_path / name)
+        hits[name] = json.loads(ok("search", "bread in the oven", "--index", tmp_path / name,
+                                   "--json", *TINY).stdout)["hits"]
+    assert hits["both"] == hits["staged"] and len(hits["both"]) == 10
+    result = ok("tokenize", corpus, "--index", tmp_path / "both", *common, "--embed",
+                "--dtype", "float16", *TINY)
+    assert "current" in result.stderr
+    assert read_manifest(tmp_path / "both")["embed"]["shards"] == both["embed"]["shards"]
+
+
+def test_tokenize_with_embed_bad_input_leaves_nothing(tmp_path):
+    (tmp_path / "junk.txt").write_bytes(os.urandom(100_000))
+    for max_tokens, message in ((256, "--max-tokens 128"), (64, "does not look like text")):
+        result = cli("tokenize", tmp_path / "junk.txt", "--index", tmp_path / "i", "--embed",
+                     "--max-tokens", max_tokens, *TINY)
+        assert result.exit_code == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert not (tmp_path / "i").exists()
+    result = cli("tokenize", tmp_path / "junk.txt", "--index", tmp_path / "i", *TINY)
+    assert result.exit_code == 1 and "need --embed" in result.stderr
