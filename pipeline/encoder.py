@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ FALLBACK_MODEL = "random:gpt2-mini"
 
 class ModelSpecError(ValueError):
     """--model names nothing we can load."""
+
+
+RANDOM_INIT = threading.Lock()
 
 
 def default_model_spec() -> str:
@@ -61,7 +65,8 @@ def load_model(spec: str | None) -> tuple[GPT2Model, str, str]:
             seed = int(parts[2]) if len(parts) == 3 else 0
         except ValueError:
             raise ModelSpecError(f"bad seed in {spec!r}: expected random:PRESET[:SEED]") from None
-        model = random_model(preset, seed)
+        with RANDOM_INIT:  # it seeds torch's global generator: one thread at a time
+            model = random_model(preset, seed)
         return model, f"random:{preset}:{seed}", state_sha256(model)
     folder = Path(spec)
     if not folder.is_dir():
