@@ -12,6 +12,7 @@ L2-normalised).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -135,7 +136,8 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
     def next_task():
         task = END if stop.is_set() else tasks.get()
         if task is END:
-            tasks.put(END)  # for the other devices' threads
+            with contextlib.suppress(queue.Full):
+                tasks.put_nowait(END)  # for the other devices' threads
         return task
 
     def device_loop(encoder):
@@ -179,7 +181,8 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
                 n_tokens += tokens
     finally:
         stop.set()
-        tasks.put(END)  # wakes a device thread waiting for a task
+        with contextlib.suppress(queue.Full):
+            tasks.put_nowait(END)  # wakes a device thread waiting for a task
         for loop in loops:
             loop.join()
         readers.shutdown(cancel_futures=True)
@@ -311,19 +314,25 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    encoders = load_encoders(model, device, pooling, precision, devices)
-    check_max_tokens(settings.max_tokens, encoders[0])
-    batch_tokens = batch_tokens or encoders[0].default_batch_tokens
     staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    tasks: queue.Queue = queue.Queue()
+    # Bounded: when the GPU falls behind, tokenizing waits instead of filling the memory.
+    tasks: queue.Queue = queue.Queue(maxsize=2 * len(devices or [device]) + 2)
     stop = threading.Event()
     outcome: dict = {}
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                tasks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def hand_over(record, table):
-        if stop.is_set():  # the embedding side failed: stop tokenizing too
+        if not put((record, table)):  # the embedding side stopped: stop tokenizing too
             raise RuntimeError("embedding stopped")
-        tasks.put((record, table))
 
     def tokenize():
         try:
@@ -334,14 +343,18 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
         except BaseException as err:
             outcome["error"] = err
             stop.set()
-        tasks.put(END)
+        put(END)
 
     records: dict = {}
     started, timings = time.perf_counter(), new_timings()
+    # Tokenizing starts first: its first shard is on the way while the model loads.
     producer = threading.Thread(target=tokenize, daemon=True)
     producer.start()
     embedded = False
     try:
+        encoders = load_encoders(model, device, pooling, precision, devices)
+        check_max_tokens(settings.max_tokens, encoders[0])
+        batch_tokens = batch_tokens or encoders[0].default_batch_tokens
         with tqdm(unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,
                   position=1) as bar:
             # `stop` (set by a failed tokenize) ends the embedding; embed_shards sets it when
@@ -351,6 +364,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                                     timings, out_dir=staging, stop=stop)
         embedded = True
     finally:
+        stop.set()
         producer.join()
         if not embedded or "error" in outcome:
             shutil.rmtree(staging, ignore_errors=True)
