@@ -7,13 +7,14 @@ The stage that turns token shards into embedding shards (embed.py) and the one-o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,7 @@ def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+AHEAD_BATCHES = 3  # forward passes queued on a GPU, the running one included
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 
 
@@ -195,6 +197,7 @@ class Encoder:
     sha256: str
     pooling: str
     precision: str = "fp32"
+    queued: collections.deque = field(default_factory=collections.deque, repr=False)
 
     @classmethod
     def load(cls, spec: str | None = None, device: str | None = None,
@@ -301,10 +304,14 @@ class Encoder:
         out = torch.empty((n, self.dim), device=self.device, dtype=torch.float32)
         with self._autocast():
             for a, b in plan_packed_batches(lengths, max_batch_tokens):
+                self._wait_for_gpu()
                 cu = offs[a:b + 1] - offs[a]
                 batch_ids = ids[offsets[a]:offsets[b]]
                 out[a:b] = self.model.embed_packed(batch_ids, cu, int(lengths[a:b].max()),
                                                    self.pooling)
+                queued = torch.cuda.Event()
+                queued.record()
+                self.queued.append(queued)
                 if progress is not None:
                     progress.update(b - a)
         # float16 output is converted on the GPU: half the bytes to copy back.
@@ -312,6 +319,13 @@ class Encoder:
         done = torch.cuda.Event(enable_timing=True)
         done.record()
         return PendingVectors(device_tensor=out, started=started, ready=done)
+
+    def _wait_for_gpu(self) -> None:
+        """Keep at most AHEAD_BATCHES forward passes queued on the GPU. Waiting on an event
+        releases the GIL; a launch into a full CUDA queue would block holding it, and stall
+        every other Python thread (the tokenizer's, the writers')."""
+        while len(self.queued) >= AHEAD_BATCHES:
+            self.queued.popleft().synchronize()
 
     def embed_texts(self, texts: Sequence[str], max_batch_tokens: int | None = None
                     ) -> np.ndarray:
