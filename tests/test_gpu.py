@@ -1,0 +1,55 @@
+"""The GPU fast path (packed sequences, flash attention's variable-length kernel, bf16 weights,
+the fused bias+GELU matmul) against the plain padded forward in fp32. Runs where CUDA is;
+`make bench` on a GPU machine measures its speed."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.encoder import Encoder, pad_batch
+from pipeline.model import POOLINGS, random_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def token_lists(seed, n=40, max_len=300):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(30), 0.9, n).astype(int), 1, max_len)
+    return [rng.integers(0, 50257, k).tolist() for k in lengths]
+
+
+def test_fused_bias_gelu_is_gpt2s_tanh_gelu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mlp = random_model("gpt2-tiny").h[0].mlp.cuda()
+    x = torch.randn(1000, mlp.c_fc.in_features, device="cuda")
+    with torch.no_grad():
+        fused = mlp(x)  # 2-D input, no grad: the epilogue path
+        h = mlp.c_fc(x)
+        tanh = mlp.c_proj(F.gelu(h, approximate="tanh"))
+        erf = mlp.c_proj(F.gelu(h))
+    torch.testing.assert_close(fused, tanh, atol=1e-5, rtol=1e-5)
+    assert (fused - erf).abs().max() > 1e-4  # the test can tell the two GELUs apart
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_packed_bf16_path_matches_padded_fp32(attention, pooling):
+    spec = "random:gpt2-mini:3"
+    fast = Encoder.load(spec, "cuda", pooling, precision="bf16")
+    ref = Encoder.load(spec, "cpu", pooling, precision="fp32")
+    for enc in (fast, ref):
+        enc.model.config.attention = attention
+    tokens = token_lists(7)
+    values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in tokens], out=offsets[1:])
+    got = fast.embed_flat(values, offsets, max_batch_tokens=1024)  # several packed batches
+    with torch.inference_mode():
+        ids, mask = pad_batch(tokens)
+        expected = ref.model.embed(ids, mask, pooling).numpy()
+    cosine = (got * expected).sum(1)
+    assert cosine.min() > 0.999, cosine.min()
+    half = fast.embed_flat(values, offsets, 1024, dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), got, atol=2e-3)
