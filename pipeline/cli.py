@@ -269,16 +269,16 @@ def tokenize(
     check_pooling(pooling)
     if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
         raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
-    # delay: a run that fails at once prints its one error line and no empty bar
-    with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
-        if embed:
-            from .embed import run_tokenize_and_embed
+    if embed:
+        from .embed import run_tokenize_and_embed
 
-            result, section = run_tokenize_and_embed(
-                corpus, index, settings, model=model, device=device, pooling=pooling,
-                dtype=dtype, batch_tokens=batch_tokens, precision=precision,
-                devices=parse_devices(devices), progress=bar, force=force)
-        else:
+        result, section = run_tokenize_and_embed(
+            corpus, index, settings, model=model, device=device, pooling=pooling, dtype=dtype,
+            batch_tokens=batch_tokens, precision=precision, devices=parse_devices(devices),
+            force=force)
+    else:
+        # delay: a run that fails at once prints its one error line and no empty bar
+        with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
             result = run_tokenize(corpus, index, settings, progress=bar, force=force)
     stats = result["stats"]
     if result.get("skipped"):
@@ -515,5 +515,5 @@ if __name__ == "__main__":
     from pipeline.cli import app as package_app
 
     package_app()
-else:
+elif __name__ == "pipeline.cli":  # not as `__mp_main__` in a spawned child (tokenize --embed)
     _register_training_commands()

@@ -134,7 +134,11 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
             slots.release()
 
     def next_task():
-        task = END if stop.is_set() else tasks.get()
+        task = None
+        while not stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                task = tasks.get(timeout=0.1)
+                break
         if task is END:
             with contextlib.suppress(queue.Full):
                 tasks.put_nowait(END)  # for the other devices' threads
@@ -295,7 +299,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                            model: str | None = None, device: str | None = None,
                            pooling: str | None = None, dtype: str = "float32",
                            batch_tokens: int | None = None, precision: str = "auto",
-                           devices: list[str] | None = None, progress=None,
+                           devices: list[str] | None = None,
                            force: bool = False) -> tuple[dict, dict]:
     """Both stages at once: each token shard is embedded as soon as it is written, so the
     GPU starts after the first shard instead of after the whole corpus. Returns the
@@ -309,14 +313,15 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     """
     from tqdm import tqdm
 
-    from .tokenize_corpus import run_tokenize
+    from .tokenize_corpus import tokenize_to_pipe
 
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
     staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    # Bounded: when the GPU falls behind, tokenizing waits instead of filling the memory.
+    existed = index_dir.exists()
+    # Bounded: when the GPU falls behind, the tokenizer waits instead of filling the memory.
     tasks: queue.Queue = queue.Queue(maxsize=2 * len(devices or [device]) + 2)
     stop = threading.Event()
     outcome: dict = {}
@@ -330,26 +335,38 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                 continue
         return False
 
-    def hand_over(record, table):
-        if not put((record, table)):  # the embedding side stopped: stop tokenizing too
-            raise RuntimeError("embedding stopped")
+    # Tokenizing runs in a child process started first: its first shard is on the way while
+    # the model loads. A thread here hands its shards over to the embedding.
+    import multiprocessing
 
-    def tokenize():
+    context = multiprocessing.get_context("spawn")  # never fork a process that runs CUDA
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=tokenize_to_pipe,  # not a daemon: it has workers
+                            args=(str(corpus), str(index_dir), settings, force, send))
+    child.start()
+    send.close()
+
+    def hand_over():
         try:
-            # Spawned workers: forking this process, which runs CUDA threads, is unsafe.
-            outcome["tokenize"] = run_tokenize(corpus, index_dir, settings, progress=progress,
-                                               force=force, on_shard=hand_over,
-                                               start_method="spawn")
-        except BaseException as err:
-            outcome["error"] = err
-            stop.set()
-        put(END)
+            while True:
+                kind, *payload = receive.recv()
+                if kind == "shard":
+                    if not put(tuple(payload)):
+                        return
+                else:
+                    outcome["tokenize" if kind == "done" else "error"] = payload[0]
+                    break
+        except EOFError:  # the child died without a word (killed)
+            outcome["error"] = RuntimeError("the tokenizing process ended unexpectedly")
+        finally:
+            if "error" in outcome:
+                stop.set()
+            put(END)
 
     records: dict = {}
     started, timings = time.perf_counter(), new_timings()
-    # Tokenizing starts first: its first shard is on the way while the model loads.
-    producer = threading.Thread(target=tokenize, daemon=True)
-    producer.start()
+    receiver = threading.Thread(target=hand_over, daemon=True)
+    receiver.start()
     embedded = False
     try:
         encoders = load_encoders(model, device, pooling, precision, devices)
@@ -358,16 +375,24 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
         with tqdm(unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,
                   position=1) as bar:
             # `stop` (set by a failed tokenize) ends the embedding; embed_shards sets it when
-            # it ends, which stops a tokenize still running (it only can after a failure).
+            # it ends.
             n_tokens = embed_shards(index_dir, tasks, encoders, dtype, batch_tokens,
                                     lambda name, record: records.update({name: record}), bar,
                                     timings, out_dir=staging, stop=stop)
         embedded = True
     finally:
         stop.set()
-        producer.join()
+        if not embedded and child.is_alive():
+            child.terminate()  # it cleans up its tokens.tmp on the way out
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+        receiver.join()
+        receive.close()
         if not embedded or "error" in outcome:
             shutil.rmtree(staging, ignore_errors=True)
+            if not existed and "tokenize" not in outcome:
+                shutil.rmtree(index_dir, ignore_errors=True)
     if "error" in outcome:
         raise outcome["error"]
     tok = outcome["tokenize"]

@@ -304,3 +304,27 @@ def test_tokenize_with_embed_bad_input_leaves_nothing(tmp_path):
         assert not (tmp_path / "i").exists()
     result = cli("tokenize", tmp_path / "junk.txt", "--index", tmp_path / "i", *TINY)
     assert result.exit_code == 1 and "need --embed" in result.stderr
+
+
+def test_killed_tokenize_with_embed_reruns_cleanly(tmp_path):
+    """A killed `tokenize --embed` leaves nothing a rerun would trust; the rerun starts over."""
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 3000)
+    args = ["tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 100, "--embed",
+            "--model", "random:gpt2-mini", "--device", "cpu", "--precision", "fp32"]
+    proc = run_cli(*args)
+    staging = tmp_path / "i" / "embeddings.tmp"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(staging.glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "it finished before it could be killed"
+    assert not (tmp_path / "i" / "manifest.json").exists()  # nothing recorded as done
+    ok(*args)
+    manifest = read_manifest(tmp_path / "i")
+    assert len(manifest["embed"]["shards"]) == len(manifest["tokenize"]["shards"]) == 30
+    assert not staging.exists() and not (tmp_path / "i" / "tokens.tmp").exists()
+    assert len(load_vectors(tmp_path / "i")) == manifest["tokenize"]["stats"]["rows"]
