@@ -13,9 +13,13 @@ L2-normalised).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,6 +299,30 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     return section
 
 
+def start_tokenize_child(corpus, index_dir: Path, settings, force: bool):
+    """Start `tokenize_corpus.tokenize_child` as a fresh Python process; returns the
+    connection its shards arrive on, and the process.
+
+    A fresh interpreter, not multiprocessing's spawn: that one re-imports the caller's
+    __main__ in the child (a script importing torch cost seconds there, and one without a
+    __main__ guard would fail); and never a fork of this process, which runs CUDA threads.
+    """
+    from dataclasses import asdict
+    from multiprocessing.connection import Connection
+
+    read_fd, write_fd = os.pipe()
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    job = json.dumps({"corpus": str(corpus), "index_dir": str(index_dir),
+                      "settings": asdict(settings), "force": force, "fd": write_fd})
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pipeline.tokenize_corpus import "
+         "tokenize_child; tokenize_child(sys.argv[1])", job], pass_fds=[write_fd], env=env)
+    os.close(write_fd)
+    return Connection(read_fd, writable=False), child
+
+
 def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                            model: str | None = None, device: str | None = None,
                            pooling: str | None = None, dtype: str = "float32",
@@ -312,8 +340,6 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     this is `run_embed`.
     """
     from tqdm import tqdm
-
-    from .tokenize_corpus import tokenize_to_pipe
 
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
@@ -337,14 +363,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
 
     # Tokenizing runs in a child process started first: its first shard is on the way while
     # the model loads. A thread here hands its shards over to the embedding.
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # never fork a process that runs CUDA
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=tokenize_to_pipe,  # not a daemon: it has workers
-                            args=(str(corpus), str(index_dir), settings, force, send))
-    child.start()
-    send.close()
+    receive, child = start_tokenize_child(corpus, index_dir, settings, force)
 
     def hand_over():
         try:
@@ -382,10 +401,11 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
         embedded = True
     finally:
         stop.set()
-        if not embedded and child.is_alive():
+        if not embedded and child.poll() is None:
             child.terminate()  # it cleans up its tokens.tmp on the way out
-        child.join(timeout=60)
-        if child.is_alive():
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             child.kill()
         receiver.join()
         receive.close()
