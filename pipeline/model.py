@@ -20,13 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# Defined beside the numpy query encoder, which must not import torch. Hugging Face GPT-2 keeps
+# the four CONV1D_SUFFIXES weights as Conv1D, the transpose of nn.Linear's.
+from .query_encoder import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS  # noqa: F401
 from .tokenizer import sha256_file
-
-POOLINGS = ("mean", "weighted-mean", "last", "max", "first")
-ATTENTIONS = ("causal", "bidirectional")
-# Hugging Face GPT-2 keeps these four as Conv1D, whose weight is the transpose of nn.Linear's.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                   "mlp.c_proj.weight")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import numpy as np
 
 from .tokenizer import Tokenizer
 
-# As in model.py (a test checks); kept here too so the CLI can validate options without torch.
+# Shared with model.py (which imports them from here), so the CLI validates options without
+# torch.
 POOLINGS = ("mean", "weighted-mean", "last", "max", "first")
 ATTENTIONS = ("causal", "bidirectional")
 # Hugging Face's Conv1D weights are (in, out): kept so, the forward computes x @ w.
