@@ -81,8 +81,6 @@ def write_embedding_shard(path: Path, table: pa.Table) -> dict:
 
 
 IN_FLIGHT = 3  # shards per device between "queued on the GPU" and "written": bounds memory
-
-
 END = None  # the task that ends a task queue
 
 
@@ -100,8 +98,8 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
     vectors and write them, so the GPUs never wait for the disk or for each other.
     """
     out_dir = out_dir or index_dir / EMBEDDINGS_DIR
-    events: queue.SimpleQueue = queue.SimpleQueue()  # (name, record, tokens), EXIT or an error
-    exit_event = object()
+    events: queue.SimpleQueue = queue.SimpleQueue()  # (name, record, tokens), exit or error
+    exit_event = object()  # a device thread is done
     stop, lock = stop or threading.Event(), threading.Lock()
     submitted = [0]  # shards handed to the writers
     readers = ThreadPoolExecutor(len(encoders), thread_name_prefix="read")
@@ -188,9 +186,7 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
                 finished += 1
                 n_tokens += tokens
     finally:
-        stop.set()
-        with contextlib.suppress(queue.Full):
-            tasks.put_nowait(END)  # wakes a device thread waiting for a task
+        stop.set()  # device threads waiting for a task see it within 0.1 s
         for loop in loops:
             loop.join()
         readers.shutdown(cancel_futures=True)
@@ -335,9 +331,9 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
 
     The vectors go to INDEX/embeddings.tmp/ and move to INDEX/embeddings/ once the token
     shards are in place, so the folder ends exactly as after `tokenize` then `embed`. An
-    interrupted run leaves the index as it was; rerunning starts over (the separate stages
-    resume shard by shard instead). Tokens that are already current are not redone: then
-    this is `run_embed`.
+    interrupted run leaves nothing half-written that a rerun would trust; the rerun starts
+    over (the separate stages resume shard by shard instead). Tokens that are already current
+    are not redone: then this is `run_embed`, which resumes.
     """
     from tqdm import tqdm
 
