@@ -22,23 +22,14 @@ from torch import nn
 
 # Defined beside the numpy query encoder, which must not import torch. Hugging Face GPT-2 keeps
 # the four CONV1D_SUFFIXES weights as Conv1D, the transpose of nn.Linear's.
-from .query_encoder import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS  # noqa: F401
+from .query_encoder import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, EncoderConfig  # noqa: F401
 from .tokenizer import sha256_file
 
 
 @dataclass(frozen=True)
-class GPT2Config:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_positions: int = 1024
-    vocab_size: int = 50257
-    layer_norm_epsilon: float = 1e-5
-    # What makes an encoder of the decoder (recorded in every checkpoint):
-    attention: str = "causal"  # "bidirectional" lets every token see the whole text (LLM2Vec)
-    pooling: str = "mean"
-    # Optional linear head after pooling (e.g. to a teacher's width during distillation); 0 = none.
-    projection_dim: int = 0
+class GPT2Config(EncoderConfig):
+    """The model's shape and what makes an encoder of it: the fields (and their defaults) are
+    query_encoder.EncoderConfig's, which reads the same config.json without torch."""
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -47,10 +38,6 @@ class GPT2Config:
             raise ValueError(f"attention must be one of {ATTENTIONS}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}")
-
-    @property
-    def output_dim(self) -> int:
-        return self.projection_dim or self.n_embd
 
     @classmethod
     def from_dict(cls, d: dict) -> GPT2Config:

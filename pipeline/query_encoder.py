@@ -40,8 +40,8 @@ class NotSupported(ValueError):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The fields of model.GPT2Config the forward needs, with the same defaults (a test checks),
-    read from our config.json or Hugging Face's."""
+    """A GPT-2 encoder's shape, read from our config.json or Hugging Face's (model.GPT2Config
+    is this, validated on construction)."""
 
     n_layer: int = 12
     n_head: int = 12
@@ -49,8 +49,10 @@ class EncoderConfig:
     n_positions: int = 1024
     vocab_size: int = 50257
     layer_norm_epsilon: float = 1e-5
-    attention: str = "causal"
+    # What makes an encoder of the decoder (recorded in every checkpoint):
+    attention: str = "causal"  # "bidirectional" lets every token see the whole text (LLM2Vec)
     pooling: str = "mean"
+    # Optional linear head after pooling (e.g. to a teacher's width during distillation); 0 = none.
     projection_dim: int = 0
 
     @classmethod
