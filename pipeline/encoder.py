@@ -295,8 +295,8 @@ class Encoder:
         lengths = np.diff(offsets)
         started = torch.cuda.Event(enable_timing=True)
         started.record()
-        # One host-to-device copy per call; batches are then slices on the GPU. Nothing here
-        # waits for the GPU: the host runs ahead, queueing kernels, until the queue is full.
+        # One host-to-device copy per call; batches are then slices on the GPU. The host waits
+        # for the GPU only to keep AHEAD_BATCHES passes queued, never for results.
         ids = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         offs = torch.from_numpy(offsets.astype(np.int32)).pin_memory()
