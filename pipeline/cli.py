@@ -55,8 +55,8 @@ def user_errors(fn):
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             # Finished shards are recorded; the rerun resumes after them.
-            err_console.print("interrupted: finished work is kept; run the command again to "
-                              "resume")
+            err_console.print("interrupted: run the command again; it redoes only what was "
+                              "not recorded as finished")
             raise typer.Exit(code=130) from None
 
     return wrapper
