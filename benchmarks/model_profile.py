@@ -29,8 +29,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4_000_000)
     parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--window", type=int, default=128,
+                        help="attention window of short sequences; 0: varlen kernel for all")
     args = parser.parse_args()
     encoder = Encoder.load(f"random:{args.preset}:0", "cuda")
+    encoder.window = args.window
     lengths = lengths_like_the_bench(args.tokens)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

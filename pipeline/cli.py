@@ -39,7 +39,7 @@ class UsageError(Exception):
 
 # ValueError includes encoder.ModelSpecError (an unknown --model) and shards.IndexFolderError.
 USER_ERRORS = (UsageError, TokenizerError, FileNotFoundError, IsADirectoryError,
-               PermissionError, UnicodeDecodeError, ValueError)
+               PermissionError, UnicodeDecodeError, ValueError, ChildProcessError)
 
 
 def user_errors(fn):

@@ -16,8 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from .encoder import Encoder
 from .shards import (
@@ -115,14 +118,19 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
         if table is None:
             table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
         values, offsets = shard_tokens(table)
+        # The packed GPU path's layouts, made here rather than in the thread feeding the GPU.
+        plan = encoders[0].plan_passes(values, offsets, batch_tokens) \
+            if encoders[0].packs else None
         timed("read_s", t)
-        return table, values, offsets
+        return table, values, offsets, plan
 
     def finish(shard, table, pending, n_tokens, slots):
         try:
             t = time.perf_counter()
             vectors = pending.result()
             timed("wait_s", t)
+            with lock:
+                timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
             t = time.perf_counter()
             record = write_embedding_shard(out_dir / shard["name"],
                                            embedding_table(table, vectors))
@@ -149,16 +157,21 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
     def device_loop(encoder):
         slots = threading.Semaphore(IN_FLIGHT)
         try:
+            if encoder.device.type == "cuda":
+                torch.cuda.set_device(encoder.device)  # per thread: this thread's GPU
             task = next_task()
             ahead = readers.submit(read, task) if task is not END else None
             while task is not END:
-                table, values, offsets = ahead.result()
+                table, values, offsets, plan = ahead.result()
+                with lock:
+                    if timings["first_shard_at_s"] is None:
+                        timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
                 following = next_task()
                 ahead = readers.submit(read, following) if following is not END else None
                 slots.acquire()
                 t = time.perf_counter()
                 pending = encoder.start_embed_flat(values, offsets, batch_tokens, bar,
-                                                   DTYPES[dtype])
+                                                   DTYPES[dtype], plan)
                 timed("queue_s", t)
                 with lock:
                     submitted[0] += 1
@@ -214,11 +227,15 @@ def embed_stats(rows: int, n_tokens: int, elapsed: float, timings: dict) -> dict
     return {"rows": rows, "tokens": n_tokens, "seconds": round(elapsed, 3),
             "docs_per_s": round(rows / max(elapsed, 1e-9), 1),
             "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
-            **{k: round(v, 3) for k, v in timings.items()}}
+            **{k: round(v, 3) for k, v in timings.items() if k != "origin" and v is not None}}
 
 
 def new_timings() -> dict:
-    return dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0)
+    """Seconds spent in each part (summed over threads), and when (since `origin`) the
+    first shard was ready for a GPU and the last vectors were back from one."""
+    return {**dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0),
+            "first_shard_at_s": None, "last_vectors_at_s": None,
+            "origin": time.perf_counter()}
 
 
 def check_max_tokens(max_tokens: int, encoder: Encoder) -> None:
@@ -232,11 +249,12 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
               pooling: str | None = None, dtype: str = "float32",
               batch_tokens: int | None = None,
               overwrite: bool = False, precision: str = "auto", console=None,
-              devices: list[str] | None = None) -> dict:
+              devices: list[str] | None = None, encoders: list[Encoder] | None = None) -> dict:
     """Embed every token shard not yet recorded as done; returns the manifest's embed section.
 
     `devices` (several) runs one thread per device, each with its own copy of the model,
     taking the next unfinished shard; only the calling thread records finished shards.
+    `encoders`, if given, are the loaded models to use (the caller resolved `model`).
     """
     from tqdm import tqdm
 
@@ -250,7 +268,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     previous = manifest.get("embed", {})
     if model is None and previous.get("identity") and not overwrite:
         model = previous["identity"]["model"]  # resume with the model the index started with
-    encoders = load_encoders(model, device, pooling, precision, devices)
+    encoders = encoders or load_encoders(model, device, pooling, precision, devices)
     check_max_tokens(manifest["tokenize"]["settings"]["max_tokens"], encoders[0])
     if overwrite:
         previous = {}
@@ -302,6 +320,8 @@ def start_tokenize_child(corpus, index_dir: Path, settings, force: bool):
     A fresh interpreter, not multiprocessing's spawn: that one re-imports the caller's
     __main__ in the child (a script importing torch cost seconds there, and one without a
     __main__ guard would fail); and never a fork of this process, which runs CUDA threads.
+    In a session of its own, so that Ctrl-C reaches only this process, which stops the child
+    (and the child's workers) itself.
     """
     from dataclasses import asdict
     from multiprocessing.connection import Connection
@@ -311,12 +331,39 @@ def start_tokenize_child(corpus, index_dir: Path, settings, force: bool):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     job = json.dumps({"corpus": str(corpus), "index_dir": str(index_dir),
-                      "settings": asdict(settings), "force": force, "fd": write_fd})
+                      "settings": asdict(settings), "force": force, "fd": write_fd,
+                      "parent": os.getpid()})
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pipeline.tokenize_corpus import "
-         "tokenize_child; tokenize_child(sys.argv[1])", job], pass_fds=[write_fd], env=env)
+         "tokenize_child; tokenize_child(sys.argv[1])", job], pass_fds=[write_fd], env=env,
+        start_new_session=True)
     os.close(write_fd)
     return Connection(read_fd, writable=False), child
+
+
+def stop_tokenize_child(child: subprocess.Popen, asked_to_stop: bool) -> None:
+    """Wait for the child to end (SIGTERM first if it must stop early: it removes its
+    tokens.tmp on the way out), then kill whatever is left of its process group: the
+    workers of a child that was killed would otherwise live on, holding the pipe open."""
+    if asked_to_stop and child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    if child.returncode != 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+
+
+def resumed_model(index_dir: Path, model: str | None) -> str | None:
+    """Without --model, an index already embedded keeps the model it was embedded with."""
+    path = index_dir / "manifest.json"
+    if model is not None or not path.is_file():
+        return model
+    identity = json.loads(path.read_text()).get("embed", {}).get("identity") or {}
+    return identity.get("model")
 
 
 def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
@@ -340,6 +387,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    model = resumed_model(index_dir, model)
     staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     existed = index_dir.exists()
@@ -362,18 +410,27 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     receive, child = start_tokenize_child(corpus, index_dir, settings, force)
 
     def hand_over():
-        try:
+        handing = True  # after a stop, messages are read and dropped: a child blocked on a
+        try:            # full pipe could not see its SIGTERM through
             while True:
+                # Poll rather than wait for EOF: a killed child's workers may hold the pipe.
+                if not receive.poll(0.1):
+                    if child.poll() is None:
+                        continue  # still working
+                    if not receive.poll(0):
+                        break  # ended, and nothing left to read
                 kind, *payload = receive.recv()
                 if kind == "shard":
-                    if not put(tuple(payload)):
-                        return
+                    handing = handing and put(tuple(payload))
                 else:
                     outcome["tokenize" if kind == "done" else "error"] = payload[0]
                     break
-        except EOFError:  # the child died without a word (killed)
-            outcome["error"] = RuntimeError("the tokenizing process ended unexpectedly")
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass  # the child died mid-message
         finally:
+            if not outcome and not stop.is_set():
+                outcome["error"] = ChildProcessError(
+                    f"the tokenizing process ended unexpectedly (exit code {child.poll()})")
             if "error" in outcome:
                 stop.set()
             put(END)
@@ -382,7 +439,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     started, timings = time.perf_counter(), new_timings()
     receiver = threading.Thread(target=hand_over, daemon=True)
     receiver.start()
-    embedded = False
+    failure: BaseException | None = None
     try:
         encoders = load_encoders(model, device, pooling, precision, devices)
         check_max_tokens(settings.max_tokens, encoders[0])
@@ -394,28 +451,25 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
             n_tokens = embed_shards(index_dir, tasks, encoders, dtype, batch_tokens,
                                     lambda name, record: records.update({name: record}), bar,
                                     timings, out_dir=staging, stop=stop)
-        embedded = True
-    finally:
-        stop.set()
-        if not embedded and child.poll() is None:
-            child.terminate()  # it cleans up its tokens.tmp on the way out
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        receiver.join()
-        receive.close()
-        if not embedded or "error" in outcome:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not existed and "tokenize" not in outcome:
-                shutil.rmtree(index_dir, ignore_errors=True)
-    if "error" in outcome:
-        raise outcome["error"]
+    except BaseException as err:
+        failure = err
+    stop.set()
+    stop_tokenize_child(child, asked_to_stop=failure is not None)
+    receiver.join()
+    receive.close()
+    if failure is not None or "error" in outcome:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not existed and "tokenize" not in outcome:
+            shutil.rmtree(index_dir, ignore_errors=True)
+        if isinstance(failure, KeyboardInterrupt) or "error" not in outcome:
+            raise failure
+        # The child's error explains the embedding's (which may only have lost its folder).
+        raise outcome["error"] from None
     tok = outcome["tokenize"]
     if tok.get("skipped"):  # tokens were current: nothing was handed over
         shutil.rmtree(staging, ignore_errors=True)
         return tok, run_embed(index_dir, model, device, pooling, dtype, batch_tokens,
-                              precision=precision, devices=devices)
+                              precision=precision, devices=devices, encoders=encoders)
     manifest = read_manifest(index_dir)
     shutil.rmtree(index_dir / EMBEDDINGS_DIR, ignore_errors=True)
     staging.rename(index_dir / EMBEDDINGS_DIR)

@@ -78,19 +78,44 @@ class SelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                       causal: bool) -> torch.Tensor:
-        """x (N, C): the tokens of many sequences back to back, no padding (CUDA only).
+    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, causal: bool
+                       ) -> torch.Tensor:
+        """x (N, C): many sequences in the slots of `layout` (CUDA; CPU for tests).
 
-        Flash attention's variable-length kernel attends within each [cu[i], cu[i+1]) segment,
-        so no compute is spent on pads and no mask is built.
+        Short sequences share 128-token windows: one dense attention over all windows, a
+        block-diagonal mask keeping each sequence to itself. The longer ones lie back to
+        back after the windows, for flash attention's variable-length kernel. (That kernel
+        alone works in 128-row tiles per sequence, mostly empty for a 46-token one: on the
+        bench corpus, windows took attention from 0.74 to 0.35 ms a layer, H200.)
         """
         N, C = x.shape
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).view(N, 3, self.n_head, hs).unbind(1)  # each (N, nh, hs)
-        y = torch.ops.aten._flash_attention_forward(
+        qkv = self.c_attn(x).view(N, 3, self.n_head, hs)
+        parts, nw = [], layout.window_tokens
+        if nw:
+            window = layout.window_mask.shape[-1]
+            q, k, v = qkv[:nw].view(-1, window, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.window_mask)
+            parts.append(y.transpose(1, 2).reshape(nw, C))  # (W, nh, window, hs) -> slots
+        if nw < N:
+            q, k, v = qkv[nw:].unbind(1)  # each (N - nw, nh, hs)
+            y = varlen_attention(q, k, v, layout.long_cu, layout.long_max, causal)
+            parts.append(y.reshape(N - nw, C))
+        return self.c_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, causal: bool):
+    """Attention within each [cu[i], cu[i+1]) segment of (N, nh, hs) q, k, v, no padding:
+    flash attention's variable-length kernel on CUDA; a loop on CPU (tests only)."""
+    if q.is_cuda:
+        return torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, causal, False)[0]
-        return self.c_proj(y.reshape(N, C))
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        out[a:b] = F.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal).transpose(0, 1)
+    return out
 
 
 class MLP(nn.Module):
@@ -120,8 +145,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, causal)  # pre-LayerNorm, as GPT-2
         return x + self.mlp(self.ln_2(x))
 
-    def forward_packed(self, x, cu_seqlens, max_len: int, causal: bool):
-        x = x + self.attn.forward_packed(self.ln_1(x), cu_seqlens, max_len, causal)
+    def forward_packed(self, x, layout: PackedLayout, causal: bool):
+        x = x + self.attn.forward_packed(self.ln_1(x), layout, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,22 +206,16 @@ class GPT2Model(nn.Module):
             x = block(x, attn_mask, causal)
         return self.ln_f(x)
 
-    def embed_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     pooling: str | None = None) -> torch.Tensor:
-        """Sequences packed back to back (N,) with boundaries cu_seqlens (B+1,) int32 -> (B, D)
-        unit vectors. The GPU fast path: the same function as `embed` without padding."""
-        n_seq = cu_seqlens.numel() - 1
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-        seq_of_token = torch.repeat_interleave(torch.arange(n_seq, device=input_ids.device),
-                                               lengths, output_size=input_ids.numel())
-        positions = torch.arange(input_ids.numel(), device=input_ids.device) - \
-            cu_seqlens[:-1].long()[seq_of_token]
-        x = self.wte(input_ids) + self.wpe(positions)  # (N, C)
+    def embed_packed(self, layout: PackedLayout, pooling: str | None = None) -> torch.Tensor:
+        """Sequences laid out without padding (`PackedLayout`) -> (B, D) unit vectors. The
+        GPU fast path: the same function as `embed`."""
+        x = self.wte(layout.ids) + self.wpe(layout.positions)  # (N, C)
         causal = self.config.attention == "causal"
+        layout.build_window_mask(causal)
         for block in self.h:
-            x = block.forward_packed(x, cu_seqlens, max_len, causal)
+            x = block.forward_packed(x, layout, causal)
         x = self.ln_f(x)
-        pooled = pool_packed(x, seq_of_token, positions, cu_seqlens, lengths,
+        pooled = pool_packed(x, layout.seq, layout.positions, layout.starts, layout.lengths,
                              pooling or self.config.pooling)
         if self.proj is not None:
             pooled = self.proj(pooled.to(self.proj.weight.dtype))
@@ -232,24 +251,65 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
 
 
+@dataclass
+class PackedLayout:
+    """Where each token of a batch of sequences sits in the model's (N,) token slots.
+
+    Slots [0, window_tokens) are windows of `window` slots, each holding whole short
+    sequences back to back and unused slots (pads); the longer sequences follow back to back,
+    with boundaries long_cu. Built on the host by `encoder.plan_layout`.
+    """
+
+    ids: torch.Tensor  # (N,) token id per slot (0 in a pad)
+    positions: torch.Tensor  # (N,) position within its sequence
+    seq: torch.Tensor  # (N,) sequence of the slot; pads: n_seq
+    starts: torch.Tensor  # (n_seq,) first slot of each sequence
+    lengths: torch.Tensor  # (n_seq,)
+    window_tokens: int
+    window: int
+    long_cu: torch.Tensor  # (n_long + 1,) int32
+    long_max: int
+    window_mask: torch.Tensor | None = None  # (W, 1, window, window), True = may attend
+
+    def build_window_mask(self, causal: bool) -> None:
+        """Each slot attends to the slots of its own sequence (those before it, if causal);
+        a pad to itself only (a query with no key would give NaN)."""
+        nw = self.window_tokens
+        if not nw:
+            return
+        slots = torch.arange(nw, device=self.seq.device)
+        n_seq = self.lengths.numel()
+        seg = torch.where(self.seq[:nw] < n_seq, self.seq[:nw], -1 - slots)
+        seg = seg.view(-1, self.window)
+        mask = seg[:, :, None] == seg[:, None, :]
+        if causal:
+            mask &= torch.ones(self.window, self.window, dtype=torch.bool,
+                               device=mask.device).tril()
+        self.window_mask = mask[:, None]
+
+
 def pool_packed(x: torch.Tensor, seq_of_token: torch.Tensor, positions: torch.Tensor,
-                cu_seqlens: torch.Tensor, lengths: torch.Tensor, method: str) -> torch.Tensor:
-    """`pool` for packed (N, C) states: segment sums instead of masks."""
+                starts: torch.Tensor, lengths: torch.Tensor, method: str) -> torch.Tensor:
+    """`pool` for packed (N, C) states: segment sums instead of masks. Slots whose
+    seq_of_token is n_seq (pads) count for nothing; each sequence's slots are consecutive
+    from starts[i]."""
     n_seq, C = lengths.numel(), x.shape[1]
+    seq_of_token = seq_of_token.long()
     if method in ("mean", "weighted-mean"):
         w = (positions + 1).to(torch.float32) if method == "weighted-mean" else \
             torch.ones_like(positions, dtype=torch.float32)
-        sums = torch.zeros(n_seq, C, device=x.device, dtype=torch.float32)
+        sums = torch.zeros(n_seq + 1, C, device=x.device, dtype=torch.float32)
         sums.index_add_(0, seq_of_token, x.float() * w[:, None])
-        norm = torch.zeros(n_seq, device=x.device).index_add_(0, seq_of_token, w)
-        return sums / norm.clamp(min=1)[:, None]
+        norm = torch.zeros(n_seq + 1, device=x.device).index_add_(0, seq_of_token, w)
+        return (sums / norm.clamp(min=1)[:, None])[:n_seq]
     if method == "last":
-        return x[cu_seqlens[1:].long() - 1].float()
+        return x[starts.long() + lengths.long() - 1].float()
     if method == "first":
-        return x[cu_seqlens[:-1].long()].float()
+        return x[starts.long()].float()
     if method == "max":
-        out = torch.full((n_seq, C), float("-inf"), device=x.device, dtype=torch.float32)
-        return out.scatter_reduce(0, seq_of_token[:, None].expand(-1, C), x.float(), "amax")
+        out = torch.full((n_seq + 1, C), float("-inf"), device=x.device, dtype=torch.float32)
+        return out.scatter_reduce(0, seq_of_token[:, None].expand(-1, C), x.float(),
+                                  "amax")[:n_seq]
     raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
 
 

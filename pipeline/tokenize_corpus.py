@@ -313,12 +313,19 @@ def tokenize_child(job: str) -> None:
 
     from tqdm import tqdm
 
+    stopped = []
+
     def stop(signum, frame):
+        stopped.append(signum)
         raise SystemExit(1)
 
     signal.signal(signal.SIGTERM, stop)
     job = json.loads(job)
+    die_with_parent(job["parent"])
     conn = Connection(job["fd"], readable=False)
+    # The worker processes are forked from here: without this they would hold the pipe
+    # open, and a reader would wait forever for the rest of a message cut by a kill.
+    os.register_at_fork(after_in_child=lambda: os.close(job["fd"]))
     try:
         with tqdm(unit="doc", desc="tokenize", file=sys.stderr, delay=1) as bar:
             section = run_tokenize(job["corpus"], job["index_dir"],
@@ -328,11 +335,25 @@ def tokenize_child(job: str) -> None:
                                        ("shard", record, table)))
         conn.send(("done", section))
     except BaseException as err:
+        if stopped or isinstance(err, BrokenPipeError):
+            return  # the parent asked for the stop, or is gone: nobody reads a report
         try:
             conn.send(("error", err))
         except Exception:  # an exception that does not pickle, or nobody listening
             with contextlib.suppress(Exception):
                 conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}")))
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when its parent dies (even by SIGKILL), so a killed
+    `tokenize --embed` leaves no tokenizer behind to race the rerun for tokens.tmp."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        raise SystemExit(1)
 
 
 def versions() -> dict:

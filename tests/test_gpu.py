@@ -1,6 +1,6 @@
-"""The GPU fast path (packed sequences, flash attention's variable-length kernel, bf16 weights,
-the fused bias+GELU matmul) against the plain padded forward in fp32. Runs where CUDA is;
-`make bench` on a GPU machine measures its speed."""
+"""The GPU fast path (packed sequences: attention windows and flash attention's variable-length
+kernel, bf16 weights, the fused bias+GELU matmul) against the plain padded forward in fp32.
+Runs where CUDA is; `make bench` on a GPU machine measures its speed."""
 
 from dataclasses import replace
 
@@ -31,11 +31,13 @@ def test_fused_bias_gelu_is_gpt2s_tanh_gelu():
     torch.testing.assert_close(fused, expected, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("window", [128, 0])  # 0: flash's variable-length kernel for all
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_packed_bf16_path_matches_padded_fp32(attention, pooling):
+def test_packed_bf16_path_matches_padded_fp32(attention, pooling, window):
     spec = "random:gpt2-mini:3"
     fast = Encoder.load(spec, "cuda", pooling, precision="bf16")
+    fast.window = window
     ref = Encoder.load(spec, "cpu", pooling, precision="fp32")
     for enc in (fast, ref):
         enc.model.config = replace(enc.model.config, attention=attention)
@@ -52,3 +54,20 @@ def test_packed_bf16_path_matches_padded_fp32(attention, pooling):
     half = fast.embed_flat(values, offsets, 1024, dtype=np.float16)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half.astype(np.float32), got, atol=2e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu_gives_the_vectors_of_the_first():
+    """Work queued on cuda:1 from a thread whose current device is cuda:0 (as with
+    --devices): each copy back must wait for cuda:1's kernels, not cuda:0's."""
+    spec = "random:gpt2:0"
+    first, second = (Encoder.load(spec, f"cuda:{i}", precision="bf16") for i in (0, 1))
+    tokens = token_lists(3, n=3000, max_len=512)
+    values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in tokens], out=offsets[1:])
+    torch.cuda.set_device(0)
+    pending = [second.start_embed_flat(values, offsets, 16384) for _ in range(3)]
+    expected = first.embed_flat(values, offsets, 16384)
+    for got in (p.result() for p in pending):
+        assert (got * expected).sum(1).min() > 0.999

@@ -1,12 +1,15 @@
 """The encoder against Hugging Face transformers' GPT-2, pooling, and checkpoints."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.encoder import ModelSpecError, load_model, pad_batch
 from pipeline.model import (
+    ATTENTIONS,
     POOLINGS,
     GPT2Config,
     GPT2Model,
@@ -165,8 +168,47 @@ def test_packed_pooling_equals_padded_pooling(pooling):
     cu[1:] = lengths.cumsum(0)
     seq_of_token = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
     positions = torch.arange(packed.shape[0]) - cu[:-1].long()[seq_of_token]
-    got = pool_packed(packed, seq_of_token, positions, cu, lengths, pooling)
+    got = pool_packed(packed, seq_of_token, positions, cu[:-1], lengths, pooling)
     torch.testing.assert_close(got, pool(hidden_padded, mask, pooling))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_windows_fits_every_sequence_once(seed):
+    from pipeline.encoder import pack_windows
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 129, 500)
+    which, first, n_windows = pack_windows(lengths, 128)
+    taken = np.zeros((n_windows, 128), dtype=int)
+    for w, a, n in zip(which, first, lengths, strict=True):
+        assert 0 <= a and a + n <= 128
+        taken[w, a:a + n] += 1
+    assert taken.max() == 1  # no slot holds two tokens
+    assert n_windows <= int(np.ceil(lengths.sum() / 128 * 1.1))  # near-full windows
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_windowed_layout_forward_equals_padded_forward(attention, pooling):
+    """The GPU path's layout (short sequences sharing attention windows under a
+    block-diagonal mask, long ones back to back) gives each sequence the vector of the
+    plain padded forward. On CPU in fp32, with 16-slot windows."""
+    from pipeline.encoder import layout_on_device, plan_layout
+
+    model = random_model("gpt2-tiny", seed=2).eval()
+    model.config = replace(model.config, attention=attention)
+    tokens = random_token_lists(5, n=30, max_len=60)  # windows and long ones both
+    lengths = np.array([len(t) for t in tokens])
+    assert (lengths <= 16).sum() > 5 and (lengths > 16).sum() > 5
+    values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
+    plan = plan_layout(values, lengths, window=16)
+    assert plan["window_tokens"] > 0 and plan["window_tokens"] % 16 == 0
+    (layout,) = layout_on_device([plan], 16, torch.device("cpu"))
+    with torch.inference_mode():
+        got = model.embed_packed(layout, pooling)
+        ids, mask = pad_batch(tokens)
+        expected = model.embed(ids, mask, pooling)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(10))

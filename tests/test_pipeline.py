@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -306,8 +307,34 @@ def test_tokenize_with_embed_bad_input_leaves_nothing(tmp_path):
     assert result.exit_code == 1 and "need --embed" in result.stderr
 
 
-def test_killed_tokenize_with_embed_reruns_cleanly(tmp_path):
-    """A killed `tokenize --embed` leaves nothing a rerun would trust; the rerun starts over."""
+def tokenize_children(index_dir, parent=None):
+    """Pids of live tokenizing processes (the child and its workers) working on index_dir;
+    with `parent`, only that process's direct children."""
+    pids = []
+    for proc in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{proc}/cmdline").read_bytes().decode(errors="replace")
+            stat = Path(f"/proc/{proc}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if "tokenize_child" in cmdline and str(index_dir) in cmdline and state != "Z" and \
+                parent in (None, int(ppid)):
+            pids.append(int(proc))
+    return pids
+
+
+def wait_until(condition, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_tokenize_with_embed_reruns_cleanly(tmp_path, sig):
+    """A killed or interrupted `tokenize --embed` leaves nothing a rerun would trust, and no
+    tokenizer behind; the rerun starts over."""
     corpus = tmp_path / "corpus.jsonl"
     make_corpus(corpus, 3000)
     args = ["tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 100, "--embed",
@@ -319,12 +346,75 @@ def test_killed_tokenize_with_embed_reruns_cleanly(tmp_path):
         if len(list(staging.glob("*.parquet"))) >= 2:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "it finished before it could be killed"
-    assert not (tmp_path / "i" / "manifest.json").exists()  # nothing recorded as done
+    assert proc.poll() is None, "it finished before it could be killed"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: one message, no traceback from the process or its children
+        assert proc.returncode == 130
+        assert "interrupted" in stderr.decode() and "Traceback" not in stderr.decode()
+    assert wait_until(lambda: not tokenize_children(tmp_path / "i"))
+    # No vector is recorded as done (the tokens may be, if tokenizing had finished).
+    manifest = tmp_path / "i" / "manifest.json"
+    assert not manifest.exists() or "embed" not in json.loads(manifest.read_text())
     ok(*args)
     manifest = read_manifest(tmp_path / "i")
     assert len(manifest["embed"]["shards"]) == len(manifest["tokenize"]["shards"]) == 30
     assert not staging.exists() and not (tmp_path / "i" / "tokens.tmp").exists()
     assert len(load_vectors(tmp_path / "i")) == manifest["tokenize"]["stats"]["rows"]
+
+
+def test_tokenize_with_embed_reports_a_killed_tokenizer(tmp_path):
+    """The tokenizing child killed alone: one line, exit 1, no hang, nothing left."""
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 3000)
+    proc = run_cli("tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 100,
+                   "--embed", "--model", "random:gpt2-mini", "--device", "cpu",
+                   "--precision", "fp32")
+    assert wait_until(lambda: list((tmp_path / "i" / "embeddings.tmp").glob("*.parquet")),
+                      120)
+    children = tokenize_children(tmp_path / "i", parent=proc.pid)
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    lines = stderr.decode().strip().splitlines()
+    assert proc.returncode == 1 and "ended unexpectedly" in lines[-1], stderr
+    assert "Traceback" not in stderr.decode()
+    assert not (tmp_path / "i").exists()
+
+
+def test_tokenize_with_embed_stops_at_once_on_an_embedding_error(tmp_path, monkeypatch):
+    """An error on the embedding side while the tokenizer has filled the pipe: the child
+    stops (its report is dropped), the error comes out, nothing is left behind."""
+    import pipeline.embed as embed
+    from pipeline.tokenize_corpus import TokenizeSettings
+
+    def failing_embed(*args, **kwargs):
+        time.sleep(3)  # the child fills the pipe meanwhile
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(embed, "embed_shards", failing_embed)
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 3000)
+    started = time.time()
+    with pytest.raises(ValueError, match="disk full"):
+        settings = TokenizeSettings(max_tokens=64, overlap=8, shard_rows=50)
+        embed.run_tokenize_and_embed(corpus, tmp_path / "i", settings,
+                                     model="random:gpt2-tiny", device="cpu")
+    assert time.time() - started < 20
+    assert not (tmp_path / "i").exists() and not tokenize_children(tmp_path / "i")
+
+
+def test_tokenize_with_embed_keeps_the_index_model(tmp_path):
+    """Tokens current and no --model: the embedding resumes with the index's own model."""
+    corpus = tmp_path / "corpus.jsonl"
+    make_corpus(corpus, 200)
+    args = ["tokenize", corpus, "--index", tmp_path / "i", "--embed", "--device", "cpu",
+            "--max-tokens", 64]
+    ok(*args, "--model", "random:gpt2-tiny:1")
+    before = read_manifest(tmp_path / "i")["embed"]
+    result = ok(*args)
+    assert "current" in result.stderr
+    after = read_manifest(tmp_path / "i")["embed"]
+    assert after["identity"] == before["identity"] and after["shards"] == before["shards"]
