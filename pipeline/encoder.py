@@ -83,9 +83,10 @@ def load_model(spec: str | None) -> tuple[GPT2Model, str, str]:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "cuda": the current GPU, by number
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -147,6 +148,7 @@ def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[t
 
 
 WINDOW = 128  # slots of an attention window for short sequences (PackedLayout)
+WINDOW_STEP = 8  # window counts are multiples of this: few shapes (see plan_layout)
 
 
 def pack_windows(lengths: np.ndarray, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray,
@@ -182,6 +184,10 @@ def plan_layout(values: np.ndarray, lengths: np.ndarray, window: int = WINDOW) -
     is_short = lengths <= window if window else np.zeros(n, dtype=bool)
     short, long = np.flatnonzero(is_short), np.flatnonzero(~is_short)
     which, first_in_window, n_windows = pack_windows(lengths[short], window)
+    # Window counts in steps of WINDOW_STEP (the extra windows are all pads): cuDNN's
+    # attention builds a plan per shape, which for a new count each pass cost more host
+    # time than the pass's GPU time.
+    n_windows = -(-n_windows // WINDOW_STEP) * WINDOW_STEP
     window_tokens = n_windows * window
     long_cu = np.zeros(len(long) + 1, dtype=np.int64)
     np.cumsum(lengths[long], out=long_cu[1:])

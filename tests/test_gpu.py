@@ -71,3 +71,26 @@ def test_second_gpu_gives_the_vectors_of_the_first():
     expected = first.embed_flat(values, offsets, 16384)
     for got in (p.result() for p in pending):
         assert (got * expected).sum(1).min() > 0.999
+
+
+def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path):
+    """The whole stage (reader-thread layouts, queued passes, copies back, writers) on every
+    GPU there is, against the same stage on the CPU in fp32."""
+    from pipeline.embed import run_embed
+    from pipeline.shards import load_vectors
+    from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
+
+    rng = np.random.default_rng(0)
+    words = "bread oven flour kernel driver packet window photo resize audio".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(words, int(rng.lognormal(3, 0.9)) + 1))
+                              + "\n" for _ in range(3000)))
+    settings = TokenizeSettings(max_tokens=512, overlap=32, shard_rows=500)
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for name in ("cpu", "gpu"):
+        run_tokenize(corpus, tmp_path / name, settings)
+    run_embed(tmp_path / "cpu", "random:gpt2-mini:1", "cpu", precision="fp32")
+    run_embed(tmp_path / "gpu", "random:gpt2-mini:1", "cuda", devices=devices,
+              batch_tokens=8192)
+    cosine = (load_vectors(tmp_path / "cpu") * load_vectors(tmp_path / "gpu")).sum(1)
+    assert len(cosine) >= 3000 and cosine.min() > 0.999, cosine.min()
