@@ -22,6 +22,7 @@ from torch import nn
 
 # Defined beside the numpy query encoder, which must not import torch. Hugging Face GPT-2 keeps
 # the four CONV1D_SUFFIXES weights as Conv1D, the transpose of nn.Linear's.
+from .fused import add_layer_norm
 from .query_encoder import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, EncoderConfig  # noqa: F401
 from .tokenizer import sha256_file
 
@@ -145,10 +146,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, causal)  # pre-LayerNorm, as GPT-2
         return x + self.mlp(self.ln_2(x))
 
-    def forward_packed(self, x, layout: PackedLayout, causal: bool):
-        x = x + self.attn.forward_packed(self.ln_1(x), layout, causal)
-        return x + self.mlp(self.ln_2(x))
-
 
 class GPT2Model(nn.Module):
     """Token ids -> last hidden states (after the final LayerNorm), and pooled embeddings."""
@@ -212,9 +209,14 @@ class GPT2Model(nn.Module):
         x = self.wte(layout.ids) + self.wpe(layout.positions)  # (N, C)
         causal = self.config.attention == "causal"
         layout.build_window_mask(causal)
-        for block in self.h:
-            x = block.forward_packed(x, layout, causal)
-        x = self.ln_f(x)
+        # The blocks of `forward`, with each residual add fused into the LayerNorm after it
+        # (the next sublayer's, or the final one).
+        after_mlp = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
+        h = self.h[0].ln_1(x)
+        for block, next_norm in zip(self.h, after_mlp, strict=True):
+            x, h = add_layer_norm(x, block.attn.forward_packed(h, layout, causal), block.ln_2)
+            x, h = add_layer_norm(x, block.mlp(h), next_norm)
+        x = h
         pooled = pool_packed(x, layout.seq, layout.positions, layout.starts, layout.lengths,
                              pooling or self.config.pooling)
         if self.proj is not None:

@@ -94,3 +94,21 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path):
               batch_tokens=8192)
     cosine = (load_vectors(tmp_path / "cpu") * load_vectors(tmp_path / "gpu")).sum(1)
     assert len(cosine) >= 3000 and cosine.min() > 0.999, cosine.min()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.07)])
+def test_fused_add_layer_norm_equals_the_two_torch_steps(dtype, tol):
+    from pipeline.fused import add_layer_norm, fused_available
+
+    norm = torch.nn.LayerNorm(768).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, delta = (torch.randn(5003, 768, device="cuda", dtype=dtype) for _ in range(2))
+    assert fused_available(x)  # the Triton kernel, not the fallback, is under test
+    total, out = add_layer_norm(x, delta, norm)
+    with torch.no_grad():
+        expected_total = x + delta
+        expected_out = norm(expected_total)
+    torch.testing.assert_close(total, expected_total, atol=tol, rtol=0.02)
+    torch.testing.assert_close(out, expected_out, atol=tol, rtol=0.02)
