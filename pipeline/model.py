@@ -92,17 +92,29 @@ class SelfAttention(nn.Module):
         N, C = x.shape
         hs = C // self.n_head
         qkv = self.c_attn(x).view(N, 3, self.n_head, hs)
-        parts, nw = [], layout.window_tokens
+        nw = layout.window_tokens
+        if nw == N:  # no long sequence
+            return self.c_proj(self.window_attention(qkv, layout).reshape(N, C))
+        y = varlen_attention(*qkv[nw:].unbind(1), layout.long_cu, layout.long_max, causal)
         if nw:
-            window = layout.window_mask.shape[-1]
-            q, k, v = qkv[:nw].view(-1, window, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.window_mask)
-            parts.append(y.transpose(1, 2).reshape(nw, C))  # (W, nh, window, hs) -> slots
-        if nw < N:
-            q, k, v = qkv[nw:].unbind(1)  # each (N - nw, nh, hs)
-            y = varlen_attention(q, k, v, layout.long_cu, layout.long_max, causal)
-            parts.append(y.reshape(N - nw, C))
-        return self.c_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+            # Both parts into one buffer (cheaper than concatenating): the long part's rows
+            # are copied, the windows' are written by the transposing copy they need anyway.
+            out = torch.empty((N, self.n_head, hs), dtype=y.dtype, device=y.device)
+            out[nw:] = y
+            out[:nw].view(-1, layout.window, self.n_head, hs).copy_(
+                self.window_attention(qkv, layout, transpose=False).transpose(1, 2))
+            y = out
+        return self.c_proj(y.reshape(N, C))
+
+    def window_attention(self, qkv: torch.Tensor, layout: PackedLayout,
+                         transpose: bool = True) -> torch.Tensor:
+        """Dense attention over the windows under their block-diagonal mask: (W, nh, window,
+        hs), or transposed to (W, window, nh, hs), the slots' order."""
+        hs = qkv.shape[-1]
+        q, k, v = qkv[:layout.window_tokens].view(-1, layout.window, 3, self.n_head, hs) \
+            .permute(2, 0, 3, 1, 4)  # each (W, nh, window, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.window_mask)
+        return y.transpose(1, 2) if transpose else y
 
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, causal: bool):
