@@ -406,7 +406,8 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
         return False
 
     # Tokenizing runs in a child process started first: its first shard is on the way while
-    # the model loads. A thread here hands its shards over to the embedding.
+    # the model loads. A thread here hands its shards over to the embedding. (The child dies
+    # with the thread that starts it, so call this from a thread that outlives the run.)
     receive, child = start_tokenize_child(corpus, index_dir, settings, force)
 
     def hand_over():
@@ -427,6 +428,9 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                     break
         except (EOFError, OSError, pickle.UnpicklingError):
             pass  # the child died mid-message
+        except Exception as err:  # a report that does not unpickle here
+            outcome["error"] = ChildProcessError(f"the tokenizing process failed: {err}")
+            child.terminate()  # nobody reads the pipe any more
         finally:
             if not outcome and not stop.is_set():
                 outcome["error"] = ChildProcessError(
@@ -454,13 +458,17 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     except BaseException as err:
         failure = err
     stop.set()
-    stop_tokenize_child(child, asked_to_stop=failure is not None)
-    receiver.join()
-    receive.close()
+    try:
+        # A child that reported (done, or its error) ends by itself.
+        stop_tokenize_child(child, asked_to_stop=failure is not None or not outcome)
+        receiver.join()
+        receive.close()
+    finally:  # even on a second Ctrl-C while waiting for the child
+        if failure is not None or "error" in outcome:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not existed and "tokenize" not in outcome:
+                shutil.rmtree(index_dir, ignore_errors=True)
     if failure is not None or "error" in outcome:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not existed and "tokenize" not in outcome:
-            shutil.rmtree(index_dir, ignore_errors=True)
         if isinstance(failure, KeyboardInterrupt) or "error" not in outcome:
             raise failure
         # The child's error explains the embedding's (which may only have lost its folder).

@@ -206,15 +206,14 @@ def plan_layout(values: np.ndarray, lengths: np.ndarray, window: int = WINDOW) -
     seq[slot] = seq_of_token
     return {"ids": ids, "positions": positions, "seq": seq, "starts": starts.astype(np.int32),
             "lengths": lengths.astype(np.int32), "long_cu": long_cu.astype(np.int32),
-            "window_tokens": window_tokens,
+            "window_tokens": window_tokens, "window": window,
             "long_max": int(lengths[long].max()) if len(long) else 0}
 
 
 LAYOUT_ARRAYS = ("ids", "positions", "seq", "starts", "lengths", "long_cu")
 
 
-def layout_on_device(plans: list[dict], window: int, device: torch.device
-                     ) -> list[PackedLayout]:
+def layout_on_device(plans: list[dict], device: torch.device) -> list[PackedLayout]:
     """The layouts of several passes in one pinned host-to-device copy (no host sync)."""
     pieces = [plan[name] for plan in plans for name in LAYOUT_ARRAYS]
     flat = torch.from_numpy(np.concatenate(pieces))
@@ -226,7 +225,7 @@ def layout_on_device(plans: list[dict], window: int, device: torch.device
         arrays = {name: next(views) for name in LAYOUT_ARRAYS}
         arrays["positions"] = arrays["positions"].long()  # an embedding index
         layouts.append(PackedLayout(**arrays, window_tokens=plan["window_tokens"],
-                                    window=window, long_max=plan["long_max"]))
+                                    window=plan["window"], long_max=plan["long_max"]))
     return layouts
 
 
@@ -404,7 +403,7 @@ class Encoder:
         started.record()
         # One host-to-device copy per call; the host waits for the GPU only to keep
         # AHEAD_BATCHES passes queued, never for results.
-        layouts = layout_on_device(plans, self.window, self.device)
+        layouts = layout_on_device(plans, self.device)
         out = torch.empty((n, self.dim), device=self.device, dtype=torch.float32)
         with self._autocast():
             for (a, b), layout in zip(batches, layouts, strict=True):

@@ -26,7 +26,8 @@ if triton is not None:
     @triton.jit
     def _add_layer_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr,
                                n_rows, n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+        # int64: a large pass (N x C) passes 2**31 elements.
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
         cols = tl.arange(0, BLOCK)[None, :]
         inside = (rows < n_rows) & (cols < n_cols)
         offsets = rows * n_cols + cols

@@ -325,7 +325,14 @@ def tokenize_child(job: str) -> None:
     conn = Connection(job["fd"], readable=False)
     # The worker processes are forked from here: without this they would hold the pipe
     # open, and a reader would wait forever for the rest of a message cut by a kill.
-    os.register_at_fork(after_in_child=lambda: os.close(job["fd"]))
+    tokenizer_pid = os.getpid()
+
+    def close_pipe_in_worker():
+        if os.getppid() == tokenizer_pid:  # a worker, not a process a worker forks
+            with contextlib.suppress(OSError):
+                os.close(job["fd"])
+
+    os.register_at_fork(after_in_child=close_pipe_in_worker)
     try:
         with tqdm(unit="doc", desc="tokenize", file=sys.stderr, delay=1) as bar:
             section = run_tokenize(job["corpus"], job["index_dir"],

@@ -194,7 +194,7 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
     """The GPU path's layout (short sequences sharing attention windows under a
     block-diagonal mask, long ones back to back) gives each sequence the vector of the
     plain padded forward. On CPU in fp32, with 16-slot windows."""
-    from pipeline.encoder import layout_on_device, plan_layout
+    from pipeline.encoder import WINDOW_STEP, layout_on_device, plan_layout
 
     model = random_model("gpt2-tiny", seed=2).eval()
     model.config = replace(model.config, attention=attention)
@@ -207,8 +207,8 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
     assert (lengths <= 16).sum() > 5 and ((lengths > 16).sum() > 5) == (max_len > 16)
     values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
     plan = plan_layout(values, lengths, window=16)
-    assert plan["window_tokens"] > 0 and plan["window_tokens"] % 16 == 0
-    (layout,) = layout_on_device([plan], 16, torch.device("cpu"))
+    assert plan["window_tokens"] > 0 and plan["window_tokens"] % (16 * WINDOW_STEP) == 0
+    (layout,) = layout_on_device([plan], torch.device("cpu"))
     with torch.inference_mode():
         got = model.embed_packed(layout, pooling)
         ids, mask = pad_batch(tokens)
