@@ -35,6 +35,7 @@ import torch
 from .encoder import Encoder
 from .shards import (
     EMBEDDINGS_DIR,
+    MANIFEST,
     TOKENS_DIR,
     IndexFolderError,
     atomic_write_table,
@@ -266,8 +267,8 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     if not shards:
         raise IndexFolderError(f"{index_dir} has no token shards: run `pipeline tokenize` first")
     previous = manifest.get("embed", {})
-    if model is None and previous.get("identity") and not overwrite:
-        model = previous["identity"]["model"]  # resume with the model the index started with
+    if not overwrite:
+        model = resumed_model(manifest, model)
     encoders = encoders or load_encoders(model, device, pooling, precision, devices)
     check_max_tokens(manifest["tokenize"]["settings"]["max_tokens"], encoders[0])
     if overwrite:
@@ -357,13 +358,11 @@ def stop_tokenize_child(child: subprocess.Popen, asked_to_stop: bool) -> None:
             os.killpg(child.pid, signal.SIGKILL)
 
 
-def resumed_model(index_dir: Path, model: str | None) -> str | None:
+def resumed_model(manifest: dict | None, model: str | None) -> str | None:
     """Without --model, an index already embedded keeps the model it was embedded with."""
-    path = index_dir / "manifest.json"
-    if model is not None or not path.is_file():
+    if model is not None or not manifest:
         return model
-    identity = json.loads(path.read_text()).get("embed", {}).get("identity") or {}
-    return identity.get("model")
+    return (manifest.get("embed", {}).get("identity") or {}).get("model")
 
 
 def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
@@ -387,7 +386,8 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    model = resumed_model(index_dir, model)
+    if (index_dir / MANIFEST).is_file():
+        model = resumed_model(read_manifest(index_dir), model)
     staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     existed = index_dir.exists()

@@ -172,15 +172,12 @@ def is_current(manifest: dict | None, section: dict, index_dir: Path) -> bool:
 
 
 def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSettings,
-                 progress=None, force: bool = False, on_shard=None,
-                 start_method: str = "fork") -> dict:
+                 progress=None, force: bool = False, on_shard=None) -> dict:
     """Tokenize a corpus into an index folder; returns the manifest's tokenize section.
 
     `progress` is a tqdm-like object (update(n), set_postfix) or None. `on_shard(record,
     table)` is called with each shard as soon as it is written (the embed stage can start on
-    it: `pipeline tokenize --embed`); an exception it raises stops the stage. The workers are
-    forked by default; "spawn" is for a process that already runs threads (forking one is
-    unsafe).
+    it: `pipeline tokenize --embed`); an exception it raises stops the stage.
     """
     import json
 
@@ -199,8 +196,7 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
     work.mkdir(parents=True)
     try:
         shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
-                                                            progress, on_shard=on_shard,
-                                                            start_method=start_method)
+                                                            progress, on_shard=on_shard)
     except BaseException:
         # Nothing half-written survives: the previous tokens (if any) stay as they were.
         shutil.rmtree(work, ignore_errors=True)
@@ -229,8 +225,7 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
 
 
 def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
-                       progress, workers: int | None = None, on_shard=None,
-                       start_method: str = "fork"):
+                       progress, workers: int | None = None, on_shard=None):
     """Stream documents into shards under `work`; returns (shards, stats, counts, seconds).
 
     Batches of documents are encoded and windowed by a pool of worker processes (the Python
@@ -262,8 +257,7 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
 
     workers = workers or min(8, os.cpu_count() or 1)
     docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
-    context = multiprocessing.get_context(start_method)
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         in_flight: collections.deque = collections.deque()
         batches = batched(docs, 2048)
         while True:
