@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .encoder import Encoder
+from .layout import Planner
 from .shards import (
     EMBEDDINGS_DIR,
     MANIFEST,
@@ -107,6 +108,9 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
     stop, lock = stop or threading.Event(), threading.Lock()
     submitted = [0]  # shards handed to the writers
     readers = ThreadPoolExecutor(len(encoders), thread_name_prefix="read")
+    planners: queue.SimpleQueue = queue.SimpleQueue()  # one per reader thread
+    for _ in encoders if encoders[0].packs else ():
+        planners.put(Planner())
     writers = ThreadPoolExecutor(len(encoders) + 1, thread_name_prefix="write")
 
     def timed(key, started):
@@ -119,9 +123,14 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
         if table is None:
             table = pq.read_table(index_dir / TOKENS_DIR / shard["name"])
         values, offsets = shard_tokens(table)
-        # The packed GPU path's layouts, made here rather than in the thread feeding the GPU.
-        plan = encoders[0].plan_passes(values, offsets, batch_tokens) \
-            if encoders[0].packs else None
+        plan = None
+        if encoders[0].packs:  # the packed GPU path's layouts, made ahead of the GPU
+            planner = planners.get()
+            try:  # in a planning process once one is up (layout.py says why)
+                plan = planner.plan_passes(values, offsets, batch_tokens, encoders[0].window) \
+                    if planner.started() else encoders[0].plan_passes(values, offsets, batch_tokens)
+            finally:
+                planners.put(planner)
         timed("read_s", t)
         return table, values, offsets, plan
 
@@ -163,13 +172,17 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
             task = next_task()
             ahead = readers.submit(read, task) if task is not END else None
             while task is not END:
+                t = time.perf_counter()
                 table, values, offsets, plan = ahead.result()
+                timed("read_wait_s", t)
                 with lock:
                     if timings["first_shard_at_s"] is None:
                         timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
                 following = next_task()
                 ahead = readers.submit(read, following) if following is not END else None
+                t = time.perf_counter()
                 slots.acquire()
+                timed("slot_wait_s", t)
                 t = time.perf_counter()
                 pending = encoder.start_embed_flat(values, offsets, batch_tokens, bar,
                                                    DTYPES[dtype], plan)
@@ -205,6 +218,8 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
             loop.join()
         readers.shutdown(cancel_futures=True)
         writers.shutdown(cancel_futures=True)
+        while not planners.empty():
+            planners.get().close()
     return n_tokens
 
 
@@ -212,8 +227,14 @@ def load_encoders(model: str | None, device: str | None, pooling: str | None, pr
                   devices: list[str] | None) -> list[Encoder]:
     """One encoder per device (`devices`, loaded side by side), or one on `device`."""
     names = devices or [device]
+
+    def load(name):
+        encoder = Encoder.load(model, name, pooling, precision)
+        encoder.warm_up()
+        return encoder
+
     with ThreadPoolExecutor(len(names)) as pool:
-        return list(pool.map(lambda name: Encoder.load(model, name, pooling, precision), names))
+        return list(pool.map(load, names))
 
 
 def embed_section(encoders: list[Encoder], dtype: str, batch_tokens: int) -> dict:
@@ -234,7 +255,8 @@ def embed_stats(rows: int, n_tokens: int, elapsed: float, timings: dict) -> dict
 def new_timings() -> dict:
     """Seconds spent in each part (summed over threads), and when (since `origin`) the
     first shard was ready for a GPU and the last vectors were back from one."""
-    return {**dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s"), 0.0),
+    return {**dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s",
+                             "read_wait_s", "slot_wait_s"), 0.0),
             "first_shard_at_s": None, "last_vectors_at_s": None,
             "origin": time.perf_counter()}
 

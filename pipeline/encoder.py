@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import fused
+from .layout import (  # noqa: F401 (the layout's names, for callers)
+    WINDOW,
+    WINDOW_STEP,
+    pack_windows,
+    plan_layout,
+    plan_passes,
+)
 from .model import PRESETS, GPT2Model, PackedLayout, load_pretrained, random_model
 from .tokenizer import Tokenizer
 
@@ -133,83 +142,6 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int,
     return batches
 
 
-def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive [a, b) row ranges of at most max_batch_tokens real tokens each (no padding
-    when packed, so order does not matter); a longer single row gets a range of its own."""
-    ranges, start, total = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and total + n > max_batch_tokens:
-            ranges.append((start, i))
-            start, total = i, 0
-        total += int(n)
-    if len(lengths) > start:
-        ranges.append((start, len(lengths)))
-    return ranges
-
-
-WINDOW = 128  # slots of an attention window for short sequences (PackedLayout)
-WINDOW_STEP = 8  # window counts are multiples of this: few shapes (see plan_layout)
-
-
-def pack_windows(lengths: np.ndarray, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray,
-                                                                      int]:
-    """Best-fit decreasing: sequences of at most `window` tokens into as few windows as it
-    finds. Returns each sequence's window and its first slot there, and the window count.
-    (On the bench corpus 99.9% of the slots are filled.)"""
-    windows_by_room: list[list[int]] = [[] for _ in range(window + 1)]
-    used: list[int] = []  # slots taken, per window
-    which = np.empty(len(lengths), dtype=np.int64)
-    first = np.empty(len(lengths), dtype=np.int64)
-    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
-        n = int(lengths[i])
-        for room in range(n, window + 1):  # the fullest window it fits in
-            if windows_by_room[room]:
-                w = windows_by_room[room].pop()
-                break
-        else:
-            w = len(used)
-            used.append(0)
-        which[i], first[i] = w, used[w]
-        used[w] += n
-        windows_by_room[window - used[w]].append(w)
-    return which, first, len(used)
-
-
-def plan_layout(values: np.ndarray, lengths: np.ndarray, window: int = WINDOW) -> dict:
-    """Host side of a `PackedLayout` for one forward pass over sequences given as flat ids
-    `values` and their `lengths`: int32 arrays ids, positions, seq (slot -> token id,
-    position, sequence), starts, lengths, long_cu; and the ints window_tokens, long_max.
-    window 0 puts every sequence in the variable-length part."""
-    n = len(lengths)
-    is_short = lengths <= window if window else np.zeros(n, dtype=bool)
-    short, long = np.flatnonzero(is_short), np.flatnonzero(~is_short)
-    which, first_in_window, n_windows = pack_windows(lengths[short], window)
-    # Window counts in steps of WINDOW_STEP (the extra windows are all pads): cuDNN's
-    # attention builds a plan per shape, which for a new count each pass cost more host
-    # time than the pass's GPU time.
-    n_windows = -(-n_windows // WINDOW_STEP) * WINDOW_STEP
-    window_tokens = n_windows * window
-    long_cu = np.zeros(len(long) + 1, dtype=np.int64)
-    np.cumsum(lengths[long], out=long_cu[1:])
-    starts = np.empty(n, dtype=np.int64)
-    starts[short] = which * window + first_in_window
-    starts[long] = window_tokens + long_cu[:-1]
-    n_slots = window_tokens + int(long_cu[-1])
-    seq_of_token = np.repeat(np.arange(n), lengths)
-    position = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    slot = starts[seq_of_token] + position
-    ids = np.zeros(n_slots, dtype=np.int32)
-    ids[slot] = values
-    positions = np.zeros(n_slots, dtype=np.int32)
-    positions[slot] = position
-    seq = np.full(n_slots, n, dtype=np.int32)
-    seq[slot] = seq_of_token
-    return {"ids": ids, "positions": positions, "seq": seq, "starts": starts.astype(np.int32),
-            "lengths": lengths.astype(np.int32), "long_cu": long_cu.astype(np.int32),
-            "window_tokens": window_tokens, "window": window,
-            "long_max": int(lengths[long].max()) if len(long) else 0}
-
-
 LAYOUT_ARRAYS = ("ids", "positions", "seq", "starts", "lengths", "long_cu")
 
 
@@ -223,7 +155,6 @@ def layout_on_device(plans: list[dict], device: torch.device) -> list[PackedLayo
     layouts = []
     for plan in plans:
         arrays = {name: next(views) for name in LAYOUT_ARRAYS}
-        arrays["positions"] = arrays["positions"].long()  # an embedding index
         layouts.append(PackedLayout(**arrays, window_tokens=plan["window_tokens"],
                                     window=plan["window"], long_max=plan["long_max"]))
     return layouts
@@ -242,6 +173,13 @@ def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
 
 AHEAD_BATCHES = 3  # forward passes queued on a GPU, the running one included
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def recorded_event(timing: bool = False) -> torch.cuda.Event:
+    """An event recorded now on the current stream."""
+    event = torch.cuda.Event(enable_timing=timing)
+    event.record()
+    return event
 
 
 class PendingVectors:
@@ -283,6 +221,9 @@ class Encoder:
     precision: str = "fp32"
     window: int = WINDOW  # of PackedLayout; 0: flash's variable-length kernel for all
     queued: collections.deque = field(default_factory=collections.deque, repr=False)
+    # A list to have each packed pass's host timings and GPU events appended to
+    # (benchmarks/gpu_timeline.py finds why the GPU waited); None: not recorded.
+    pass_log: list | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, spec: str | None = None, device: str | None = None,
@@ -378,13 +319,34 @@ class Encoder:
 
     def plan_passes(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int
                     ) -> tuple[list[tuple[int, int]], list[dict]]:
-        """The host's share of the packed path: row ranges of the forward passes and their
-        layouts. Pure numpy; a reader thread can do it while the GPU runs the shard before."""
-        offsets = np.asarray(offsets, dtype=np.int64)
-        lengths = np.diff(offsets)
-        batches = plan_packed_batches(lengths, max_batch_tokens)
-        return batches, [plan_layout(values[offsets[a]:offsets[b]], lengths[a:b], self.window)
-                         for a, b in batches]
+        """The host's share of the packed path (`layout.plan_passes`) for this encoder."""
+        return plan_passes(values, offsets, max_batch_tokens, self.window)
+
+    def warm_up(self) -> None:
+        """Do now what the first passes would otherwise stall the GPU on, while the first
+        shard is read or tokenized: the fused kernel's compile (~0.5-2 s) in one thread, the
+        first calls into cuDNN and cuBLAS (loading their kernels, ~1.5 s cold) in this one,
+        at the same time (torch's ops release the GIL)."""
+        if not self.packs:
+            return
+        model, causal = self.model, self.model.config.attention == "causal"
+        compiling = threading.Thread(target=fused.compile_for, args=(
+            self.device, model.wte.weight.dtype, model.config.n_embd))
+        compiling.start()
+        # Enough short sequences for WINDOW_STEP windows, and two long ones.
+        lengths = np.array([self.window // 2] * (2 * WINDOW_STEP) + [2 * self.window + 1] * 2)
+        values = np.zeros(lengths.sum(), dtype=np.int32)
+        with torch.cuda.device(self.device), torch.inference_mode():
+            layouts = [layout_on_device([plan_layout(values, lengths, window)], self.device)[0]
+                       for window in {self.window, 0}]
+            for layout in layouts:  # the first block's attention and MLP: no fused kernel
+                x = model.h[0].ln_1(model.wte(layout.ids) + model.wpe(layout.positions.long()))
+                layout.build_window_mask(causal)
+                model.h[0].mlp(model.h[0].attn.forward_packed(x, layout, causal))
+            compiling.join()
+            for layout in layouts:
+                model.embed_packed(layout, self.pooling)
+            torch.cuda.synchronize()
 
     def _embed_packed(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int,
                       progress=None, dtype: type = np.float32, plan=None) -> PendingVectors:
@@ -399,26 +361,31 @@ class Encoder:
         if n == 0:
             return PendingVectors(host=np.zeros((0, self.dim), dtype=dtype))
         batches, plans = plan or self.plan_passes(values, offsets, max_batch_tokens)
-        started = torch.cuda.Event(enable_timing=True)
-        started.record()
+        log = self.pass_log
+        started = recorded_event(timing=True)
         # One host-to-device copy per call; the host waits for the GPU only to keep
         # AHEAD_BATCHES passes queued, never for results.
         layouts = layout_on_device(plans, self.device)
         out = torch.empty((n, self.dim), device=self.device, dtype=torch.float32)
         with self._autocast():
             for (a, b), layout in zip(batches, layouts, strict=True):
+                waited = time.perf_counter()
                 self._wait_for_gpu()
+                launched = time.perf_counter()
+                begin = recorded_event(timing=True) if log is not None else None
                 out[a:b] = self.model.embed_packed(layout, self.pooling)
-                queued = torch.cuda.Event()
-                queued.record()
-                self.queued.append(queued)
+                self.queued.append(recorded_event(timing=log is not None))
+                if log is not None:
+                    log.append({"first_of_call": a == 0, "at": waited,
+                                "wait_s": launched - waited,
+                                "launch_s": time.perf_counter() - launched,
+                                "begin": begin, "end": self.queued[-1]})
                 if progress is not None:
                     progress.update(b - a)
         # float16 output is converted on the GPU: half the bytes to copy back.
         out = out.to(TORCH_DTYPES[np.dtype(dtype)])
-        done = torch.cuda.Event(enable_timing=True)
-        done.record()
-        return PendingVectors(device_tensor=out, started=started, ready=done)
+        return PendingVectors(device_tensor=out, started=started,
+                              ready=recorded_event(timing=True))
 
     def _wait_for_gpu(self) -> None:
         """Keep at most AHEAD_BATCHES forward passes queued on the GPU. Waiting on an event

@@ -23,7 +23,9 @@ ROWS_PER_PROGRAM = 4
 
 if triton is not None:
 
-    @triton.jit
+    # Not specialised on the row count: Triton would compile again (~0.5 s) for each new
+    # residue of it mod 16, and the packed passes' row counts vary.
+    @triton.jit(do_not_specialize=["n_rows"])
     def _add_layer_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr,
                                n_rows, n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         # int64: a large pass (N x C) passes 2**31 elements.
@@ -64,3 +66,12 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm
                                  norm.eps, BLOCK=triton.next_power_of_2(n_cols),
                                  ROWS=ROWS_PER_PROGRAM, num_warps=4)
     return total, out
+
+
+def compile_for(device: torch.device, dtype: torch.dtype, n_cols: int) -> None:
+    """Compile the kernel for (N, n_cols) tensors of `dtype` on `device` now, by running it
+    once on a few rows, instead of in the first forward pass (~0.5-2 s)."""
+    with torch.cuda.device(device):
+        x = torch.zeros(ROWS_PER_PROGRAM, n_cols, device=device, dtype=dtype)
+        add_layer_norm(x, x, nn.LayerNorm(n_cols, device=device, dtype=dtype))
+        torch.cuda.synchronize()

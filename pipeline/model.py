@@ -165,8 +165,11 @@ class GPT2Model(nn.Module):
     def __init__(self, cfg: GPT2Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        # Weights about to be loaded: no init (torch's normal_ for the embeddings would be).
+        empty = {} if init_weights else {"_weight": torch.empty(cfg.vocab_size, cfg.n_embd)}
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, **empty)
+        empty = {} if init_weights else {"_weight": torch.empty(cfg.n_positions, cfg.n_embd)}
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, **empty)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.proj = nn.Linear(cfg.n_embd, cfg.projection_dim) if cfg.projection_dim else None
@@ -218,7 +221,11 @@ class GPT2Model(nn.Module):
     def embed_packed(self, layout: PackedLayout, pooling: str | None = None) -> torch.Tensor:
         """Sequences laid out without padding (`PackedLayout`) -> (B, D) unit vectors. The
         GPU fast path: the same function as `embed`."""
-        x = self.wte(layout.ids) + self.wpe(layout.positions)  # (N, C)
+        return self.pool_layout(self.forward_packed(layout), layout, pooling)
+
+    def forward_packed(self, layout: PackedLayout) -> torch.Tensor:
+        """The (N, C) last hidden states of a packed layout's slots."""
+        x = self.wte(layout.ids) + self.wpe(layout.positions.long())  # (N, C)
         causal = self.config.attention == "causal"
         layout.build_window_mask(causal)
         # The blocks of `forward`, with each residual add fused into the LayerNorm after it
@@ -228,9 +235,13 @@ class GPT2Model(nn.Module):
         for block, next_norm in zip(self.h, after_mlp, strict=True):
             x, h = add_layer_norm(x, block.attn.forward_packed(h, layout, causal), block.ln_2)
             x, h = add_layer_norm(x, block.mlp(h), next_norm)
-        x = h
-        pooled = pool_packed(x, layout.seq, layout.positions, layout.starts, layout.lengths,
-                             pooling or self.config.pooling)
+        return h
+
+    def pool_layout(self, states: torch.Tensor, layout: PackedLayout,
+                    pooling: str | None = None) -> torch.Tensor:
+        """`forward_packed`'s states -> (B, D) unit vectors, one per sequence of the layout."""
+        pooled = pool_packed(states, layout.seq, layout.positions, layout.starts,
+                             layout.lengths, pooling or self.config.pooling)
         if self.proj is not None:
             pooled = self.proj(pooled.to(self.proj.weight.dtype))
         return F.normalize(pooled.float(), dim=-1)
@@ -287,15 +298,16 @@ class PackedLayout:
 
     def build_window_mask(self, causal: bool) -> None:
         """Each slot attends to the slots of its own sequence (those before it, if causal);
-        a pad to itself only (a query with no key would give NaN)."""
+        a pad to itself only (a query with no key would give NaN).
+
+        A sequence's slots share their first slot, slot - position; a pad (position 0) is its
+        own first slot."""
         nw = self.window_tokens
         if not nw:
             return
-        slots = torch.arange(nw, device=self.seq.device)
-        n_seq = self.lengths.numel()
-        seg = torch.where(self.seq[:nw] < n_seq, self.seq[:nw], -1 - slots)
-        seg = seg.view(-1, self.window)
-        mask = seg[:, :, None] == seg[:, None, :]
+        first_slot = torch.arange(nw, device=self.positions.device) - self.positions[:nw]
+        first_slot = first_slot.view(-1, self.window)
+        mask = first_slot[:, :, None] == first_slot[:, None, :]
         if causal:
             mask &= torch.ones(self.window, self.window, dtype=torch.bool,
                                device=mask.device).tril()
@@ -394,7 +406,8 @@ def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
     """
     cfg, sd = read_checkpoint(folder)
     cfg = replace(cfg, **overrides)
-    model = GPT2Model(cfg, init_weights=False)
+    with torch.device("meta"):  # no memory, no init (torch's own init took ~0.5 s for 124M)
+        model = GPT2Model(cfg, init_weights=False)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not fit the config "

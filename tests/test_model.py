@@ -192,9 +192,10 @@ def test_pack_windows_fits_every_sequence_once(seed):
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_len):
     """The GPU path's layout (short sequences sharing attention windows under a
-    block-diagonal mask, long ones back to back) gives each sequence the vector of the
-    plain padded forward. On CPU in fp32, with 16-slot windows."""
-    from pipeline.encoder import WINDOW_STEP, layout_on_device, plan_layout
+    block-diagonal mask, the sequences of part-filled windows and the long ones back to
+    back) gives each sequence the vector of the plain padded forward. On CPU in fp32, with
+    16-slot windows."""
+    from pipeline.encoder import layout_on_device, plan_layout
 
     model = random_model("gpt2-tiny", seed=2).eval()
     model.config = replace(model.config, attention=attention)
@@ -206,8 +207,10 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
     lengths = np.array([len(t) for t in tokens])
     assert (lengths <= 16).sum() > 5 and ((lengths > 16).sum() > 5) == (max_len > 16)
     values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
-    plan = plan_layout(values, lengths, window=16)
-    assert plan["window_tokens"] > 0 and plan["window_tokens"] % (16 * WINDOW_STEP) == 0
+    plan = plan_layout(values, lengths, window=16, step=2)
+    assert plan["window_tokens"] > 0 and plan["window_tokens"] % (16 * 2) == 0
+    # Windows in steps of 2: the sequences of the windows past that join the long part.
+    assert len(plan["long_cu"]) - 1 > (lengths > 16).sum()
     (layout,) = layout_on_device([plan], torch.device("cpu"))
     with torch.inference_mode():
         got = model.embed_packed(layout, pooling)
@@ -218,7 +221,7 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
 
 @pytest.mark.parametrize("seed", range(10))
 def test_packed_batches_cover_rows_within_budget(seed):
-    from pipeline.encoder import plan_packed_batches
+    from pipeline.layout import plan_packed_batches
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 300, (int(torch.randint(0, 200, (1,), generator=g)),),
@@ -228,3 +231,31 @@ def test_packed_batches_cover_rows_within_budget(seed):
     assert [i for a, b in ranges for i in range(a, b)] == list(range(len(lengths)))
     for a, b in ranges:
         assert sum(lengths[a:b]) <= budget or b - a == 1
+
+
+def test_planner_process_plans_like_this_process_and_reports_its_death():
+    """The embed stage plans layouts in a child process (layout.Planner): the same plans as
+    in-process; a child that dies gives a one-line error instead of a hang."""
+    from pipeline.layout import Planner, plan_passes
+
+    rng = np.random.default_rng(3)
+    lengths = np.clip(rng.lognormal(np.log(30), 0.9, 12000), 1, 400).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(0, 50257, offsets[-1]).astype(np.int32)
+    planner = Planner()
+    try:
+        got_batches, got = planner.plan_passes(values, offsets, 65536, 128)
+        batches, expected = plan_passes(values, offsets, 65536, 128)
+        assert got_batches == batches and len(got) == len(expected) > 5
+        for a, b in zip(got, expected, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+        assert got[0]["window_tokens"] > 0 and got[-1]["window_tokens"] == 0  # full; last
+        planner.process.kill()
+        planner.process.wait()
+        with pytest.raises(ChildProcessError, match="planning process ended unexpectedly"):
+            planner.plan_passes(values, offsets, 65536, 128)
+    finally:
+        planner.close()
+    assert planner.process.poll() is not None

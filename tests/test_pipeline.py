@@ -240,9 +240,10 @@ def test_read_rows_across_row_groups_and_shards(tmp_path):
     ok("tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 7000)
     tables = [pq.read_table(p) for p in sorted((tmp_path / "i" / "tokens").glob("*.parquet"))]
     assert [pq.ParquetFile(p).num_row_groups for p in
-            sorted((tmp_path / "i" / "tokens").glob("*.parquet"))] == [2, 2]
+            sorted((tmp_path / "i" / "tokens").glob("*.parquet"))] == [1, 2, 1]
     everything = [r for t in tables for r in t.select(["doc_id", "text"]).to_pylist()]
-    rows = [11999, 0, 4095, 4096, 6999, 7000, 8191, 5, 4096]
+    # Shards of 4096 (the first), 7000 and 904 rows; row groups of 4096.
+    rows = [11999, 0, 4095, 4096, 6999, 7000, 8191, 8192, 11095, 11096, 5, 4096]
     assert read_rows(tmp_path / "i", rows, ("doc_id", "text")) == [everything[r] for r in rows]
 
 
@@ -262,6 +263,21 @@ def test_several_workers_give_the_same_shards(tmp_path):
     for shard in sorted((tmp_path / "one" / "embeddings").glob("*.parquet")):
         assert pq.read_table(shard).equals(pq.read_table(tmp_path / "two" / "embeddings" /
                                                          shard.name))
+
+
+def test_first_token_shard_is_small_the_rest_full(tmp_path):
+    """`tokenize --embed` starts the GPU on the first shard: it holds at most 4,096 rows,
+    the next ones --shard-rows, rows numbered on across them."""
+    from pipeline.tokenize_corpus import FIRST_SHARD_ROWS
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of a corpus\n" for i in range(13_000)))
+    ok("tokenize", corpus, "--index", tmp_path / "idx", "--shard-rows", 5000)
+    shards = read_manifest(tmp_path / "idx")["tokenize"]["shards"]
+    assert [s["rows"] for s in shards] == [FIRST_SHARD_ROWS, 5000, 13_000 - 5000 - 4096]
+    rows = [pq.read_table(tmp_path / "idx" / "tokens" / s["name"])["row"].to_pylist()
+            for s in shards]
+    assert sum(rows, []) == list(range(13_000))
 
 
 def test_tokenize_with_embed_equals_the_two_stages(tmp_path):
