@@ -334,7 +334,7 @@ class Encoder:
             self.device, model.wte.weight.dtype, model.config.n_embd))
         compiling.start()
         # Enough short sequences for WINDOW_STEP windows, and two long ones.
-        lengths = np.array([self.window // 2] * (2 * WINDOW_STEP) + [2 * self.window + 1] * 2)
+        lengths = np.array([WINDOW // 2] * (2 * WINDOW_STEP) + [2 * WINDOW + 1] * 2)
         values = np.zeros(lengths.sum(), dtype=np.int32)
         with torch.cuda.device(self.device), torch.inference_mode():
             layouts = [layout_on_device([plan_layout(values, lengths, window)], self.device)[0]
