@@ -155,22 +155,30 @@ class Planner:
     def started(self) -> bool:
         """Whether the child is up (it says so once its imports are done), without waiting."""
         if not self._started and self._receive.poll(0):
-            self._started = self._receive.recv() == "ready"
+            self._await_start()
         return self._started
 
     def plan_passes(self, *args) -> tuple[list[tuple[int, int]], list[dict]]:
-        """`plan_passes(*args)`, computed in the child."""
+        """`plan_passes(*args)`, computed in the child (once it is up)."""
+        self._await_start()
         try:
-            while not self.started():
-                self._receive.poll(None)
             self._send.send(args)
             ok, result = self._receive.recv()
         except (EOFError, OSError):
-            raise ChildProcessError("the layout planning process ended unexpectedly "
-                                    f"(exit code {self.process.poll()})") from None
+            raise self._died() from None
         if not ok:
             raise result
         return result
+
+    def _await_start(self) -> None:
+        try:
+            self._started = self._started or self._receive.recv() == "ready"
+        except (EOFError, OSError):
+            raise self._died() from None
+
+    def _died(self) -> ChildProcessError:
+        return ChildProcessError("the layout planning process ended unexpectedly "
+                                 f"(exit code {self.process.poll()})")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -259,3 +259,10 @@ def test_planner_process_plans_like_this_process_and_reports_its_death():
     finally:
         planner.close()
     assert planner.process.poll() is not None
+    dead_at_start = Planner()  # one that dies before it is up
+    dead_at_start.process.kill()
+    dead_at_start.process.wait()
+    with pytest.raises(ChildProcessError, match="planning process ended unexpectedly"):
+        while not dead_at_start.started():
+            pass
+    dead_at_start.close()
