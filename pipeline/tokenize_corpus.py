@@ -286,8 +286,8 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
             n_rows += table.num_rows
             n_tokens += int(rows["offsets"][-1])
             split_docs += int((rows["chunk"] == 1).sum())
-            while n_pending >= (rows := shard_rows(settings, len(shards))):
-                flush(rows)
+            while n_pending >= (next_rows := shard_rows(settings, len(shards))):
+                flush(next_rows)
             if progress is not None:
                 progress.update(n_read)
                 progress.set_postfix(rows=n_rows, MB=f"{stats.bytes_read / 1e6:.0f}")
