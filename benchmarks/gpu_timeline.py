@@ -71,8 +71,8 @@ def pass_gaps(log: list[dict]) -> str:
         idle_ms, between_s, p = rows[i]
         lines.append(f"  {idle_ms:7.2f} ms idle before pass {i + 1}: host "
                      f"{between_s * 1e3:7.2f} ms elsewhere, {p['wait_s'] * 1e3:6.2f} ms waiting "
-                     f"for the GPU, {p['launch_s'] * 1e3:7.2f} ms launching; "
-                     f"{'first of a shard' if p['first_of_call'] else ''}")
+                     f"for the GPU, {p['launch_s'] * 1e3:7.2f} ms launching"
+                     f"{'; first of a shard' if p['first_of_call'] else ''}")
     return "\n".join(lines)
 
 
