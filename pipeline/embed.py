@@ -21,7 +21,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .children import start_python
 from .encoder import Encoder
-from .layout import Planner
+from .layout import Planner, plan_passes
 from .shards import (
     EMBEDDINGS_DIR,
     MANIFEST,
@@ -125,10 +125,10 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
         values, offsets = shard_tokens(table)
         plan = None
         if encoders[0].packs:  # the packed GPU path's layouts, made ahead of the GPU
+            args = (values, offsets, batch_tokens, encoders[0].window)
             planner = planners.get()
             try:  # in a planning process once one is up (layout.py says why)
-                plan = planner.plan_passes(values, offsets, batch_tokens, encoders[0].window) \
-                    if planner.started() else encoders[0].plan_passes(values, offsets, batch_tokens)
+                plan = planner.plan_passes(*args) if planner.started() else plan_passes(*args)
             finally:
                 planners.put(planner)
         timed("read_s", t)
@@ -337,29 +337,19 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
 
 def start_tokenize_child(corpus, index_dir: Path, settings, force: bool):
-    """Start `tokenize_corpus.tokenize_child` as a fresh Python process; returns the
-    connection its shards arrive on, and the process.
-
-    A fresh interpreter, not multiprocessing's spawn: that one re-imports the caller's
-    __main__ in the child (a script importing torch cost seconds there, and one without a
-    __main__ guard would fail); and never a fork of this process, which runs CUDA threads.
-    In a session of its own, so that Ctrl-C reaches only this process, which stops the child
-    (and the child's workers) itself.
+    """Start `tokenize_corpus.tokenize_child` as a fresh Python process (children.py);
+    returns the connection its shards arrive on, and the process. Ctrl-C reaches only this
+    process, which stops the child (and the child's workers) itself.
     """
     from dataclasses import asdict
     from multiprocessing.connection import Connection
 
     read_fd, write_fd = os.pipe()
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     job = json.dumps({"corpus": str(corpus), "index_dir": str(index_dir),
                       "settings": asdict(settings), "force": force, "fd": write_fd,
                       "parent": os.getpid()})
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pipeline.tokenize_corpus import "
-         "tokenize_child; tokenize_child(sys.argv[1])", job], pass_fds=[write_fd], env=env,
-        start_new_session=True)
+    child = start_python("import sys; from pipeline.tokenize_corpus import tokenize_child; "
+                         "tokenize_child(sys.argv[1])", [job], pass_fds=[write_fd])
     os.close(write_fd)
     return Connection(read_fd, writable=False), child
 

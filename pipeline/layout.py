@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
+
+from .children import die_with_parent, start_python
 
 
 def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -130,22 +130,16 @@ def plan_passes(values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int, 
 
 
 class Planner:
-    """`plan_passes` in a child process: a fresh interpreter (not a fork of a process that
-    runs CUDA threads, nor multiprocessing's spawn, which re-imports the caller's __main__),
-    in a session of its own (Ctrl-C reaches only the parent, which ends it by closing the
-    pipe), dying with its parent. One call at a time: a thread of its own each."""
+    """`plan_passes` in a child process (children.py; the parent ends it by closing the
+    pipe). One call at a time: a thread of its own each."""
 
     def __init__(self):
         to_child, self._requests = os.pipe()
         self._results, from_child = os.pipe()
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from pipeline.layout import planner_child; "
-             "planner_child(*map(int, sys.argv[1:]))", str(to_child), str(from_child),
-             str(os.getpid())], pass_fds=[to_child, from_child], env=env,
-            start_new_session=True)
+        self.process = start_python(
+            "import sys; from pipeline.layout import planner_child; "
+            "planner_child(*map(int, sys.argv[1:]))",
+            [str(to_child), str(from_child), str(os.getpid())], pass_fds=[to_child, from_child])
         os.close(to_child)
         os.close(from_child)
         self._send = Connection(self._requests, readable=False)
@@ -195,8 +189,6 @@ class Planner:
 def planner_child(requests_fd: int, results_fd: int, parent: int) -> None:
     """The loop of a `Planner`'s process: plan_passes(*request) for each request, until the
     parent closes the pipe."""
-    from .tokenize_corpus import die_with_parent
-
     die_with_parent(parent)
     requests = Connection(requests_fd, writable=False)
     results = Connection(results_fd, readable=False)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
+from .children import die_with_parent
 from .corpus import (
     DEFAULT_ID_FIELD,
     DEFAULT_TEXT_FIELD,
@@ -352,18 +353,6 @@ def tokenize_child(job: str) -> None:
         except Exception:  # an exception that does not pickle, or nobody listening
             with contextlib.suppress(Exception):
                 conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}")))
-
-
-def die_with_parent(parent: int) -> None:
-    """Linux: SIGTERM this process when its parent dies (even by SIGKILL), so a killed
-    `tokenize --embed` leaves no tokenizer behind to race the rerun for tokens.tmp."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the line above
-        raise SystemExit(1)
 
 
 def versions() -> dict:
