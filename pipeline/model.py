@@ -222,10 +222,6 @@ class GPT2Model(nn.Module):
     def embed_packed(self, layout: PackedLayout, pooling: str | None = None) -> torch.Tensor:
         """Sequences laid out without padding (`PackedLayout`) -> (B, D) unit vectors. The
         GPU fast path: the same function as `embed`."""
-        return self.pool_layout(self.forward_packed(layout), layout, pooling)
-
-    def forward_packed(self, layout: PackedLayout) -> torch.Tensor:
-        """The (N, C) last hidden states of a packed layout's slots."""
         x = self.wte(layout.ids) + self.wpe(layout.positions.long())  # (N, C)
         causal = self.config.attention == "causal"
         layout.build_window_mask(causal)
@@ -236,13 +232,8 @@ class GPT2Model(nn.Module):
         for block, next_norm in zip(self.h, after_mlp, strict=True):
             x, h = add_layer_norm(x, block.attn.forward_packed(h, layout, causal), block.ln_2)
             x, h = add_layer_norm(x, block.mlp(h), next_norm)
-        return h
-
-    def pool_layout(self, states: torch.Tensor, layout: PackedLayout,
-                    pooling: str | None = None) -> torch.Tensor:
-        """`forward_packed`'s states -> (B, D) unit vectors, one per sequence of the layout."""
-        pooled = pool_packed(states, layout.seq, layout.positions, layout.starts,
-                             layout.lengths, pooling or self.config.pooling)
+        pooled = pool_packed(h, layout.seq, layout.positions, layout.starts, layout.lengths,
+                             pooling or self.config.pooling)
         if self.proj is not None:
             pooled = self.proj(pooled.to(self.proj.weight.dtype))
         return F.normalize(pooled.float(), dim=-1)
