@@ -7,6 +7,7 @@ so a crash never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +21,34 @@ from .tokenizer import sha256_file
 FORMAT_VERSION = 1
 
 
+def numpy_to_arrow(values: np.ndarray) -> pa.Array:
+    """A 1-D numeric numpy array as an Arrow array of the same type, without a copy.
+
+    Not `pa.array`: its first call imports pandas, where installed, to check for pandas
+    types (0.2-0.45 s on a GPU host, which the first shard of `tokenize --embed` waited for).
+    """
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [None, pa.py_buffer(values)])
+
+
+def strings_to_arrow(texts: Sequence[str]) -> pa.StringArray:
+    """Python strings as an Arrow string array (as numpy_to_arrow, without pa.array)."""
+    encoded = [text.encode("utf-8") for text in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{offsets[-1]:,} bytes of text are more than one Arrow string "
+                         "array holds (2 GiB)")
+    return pa.Array.from_buffers(pa.string(), len(encoded), [
+        None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))])
+
+
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """(N, D) float array -> FixedSizeList array of N lists of D values, no copy."""
     vectors = np.ascontiguousarray(vectors)
     n, dim = vectors.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    return pa.FixedSizeListArray.from_arrays(numpy_to_arrow(vectors.reshape(-1)), dim)
 
 
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -39,7 +63,20 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zstd",
                        row_group_size: int | None = None, vector_column: str | None = None
                        ) -> Path:
-    """Write to a temp file in the same folder, then rename over the final name.
+    """Write to a temp file in the same folder, then rename over the final name
+    (`atomic_table_writer`, all in one part)."""
+    with atomic_table_writer(path, compression, vector_column) as write:
+        write(table, row_group_size)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_table_writer(path: str | Path, compression: str = "zstd",
+                        vector_column: str | None = None):
+    """A function that appends a table (same schema each time) to the Parquet file `path`,
+    each call one or more row groups; the file gets its final name only when the block
+    ends without an error, and is removed otherwise. Lets a writer start on the first rows
+    of a file while the last are still being made.
 
     The rename makes a killed process leave either the old file or the whole new one. There
     is no fsync (it tripled the write time of vector shards): after a power loss a stage
@@ -51,11 +88,26 @@ def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zs
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    others = [name for name in table.column_names if name != vector_column]
-    pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size,
-                   use_dictionary=others, write_statistics=others)
+    writer: list[pq.ParquetWriter] = []  # opened by the first table: its schema
+
+    def write(table: pa.Table, row_group_size: int | None = None) -> None:
+        if not writer:
+            others = [name for name in table.column_names if name != vector_column]
+            writer.append(pq.ParquetWriter(str(tmp), table.schema, compression=compression,
+                                           use_dictionary=others, write_statistics=others))
+        writer[0].write_table(table, row_group_size=row_group_size)
+
+    try:
+        yield write
+        if not writer:
+            raise ValueError(f"nothing was written to {path}")
+        writer[0].close()
+    except BaseException:
+        if writer:
+            writer[0].close()
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
-    return path
 
 
 def atomic_write_json(data: dict, path: str | Path) -> Path:
