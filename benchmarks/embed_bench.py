@@ -243,6 +243,7 @@ def main() -> int:
                 "tokens_per_s": n_tokens / (t1 - t0), "docs_per_s": args.docs / (t1 - t0),
                 "tokenize_s": tok["stats"]["seconds"],
                 **{k: emb["stats"].get(k) for k in ("read_s", "queue_s", "gpu_s", "write_s",
+                                                    "models_ready_at_s", "first_tokens_at_s",
                                                     "first_shard_at_s", "last_vectors_at_s")},
                 "h2d_s": host_to_device_seconds(work / "idx", device)}
         peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0

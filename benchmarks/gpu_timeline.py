@@ -57,22 +57,27 @@ def summarize(intervals: list[tuple[int, int, str]]) -> str:
 
 def pass_gaps(log: list[dict]) -> str:
     """The GPU's idle time between consecutive passes, and the host's doings before each."""
-    rows = []
+    rows, seen = [], {log[0]["window_tokens"]}
     for before, after in zip(log, log[1:], strict=False):
+        after["new_shape"] = after["window_tokens"] not in seen
+        seen.add(after["window_tokens"])
         idle_ms = before["end"].elapsed_time(after["begin"])
         between_s = after["at"] - (before["at"] + before["wait_s"] + before["launch_s"])
         rows.append((idle_ms, between_s, after))
     idle = np.array([r[0] for r in rows])
     first = np.array([r[2]["first_of_call"] for r in rows])
-    lines = [f"{len(log)} passes; GPU idle between "
+    new = np.array([r[2]["new_shape"] for r in rows])
+    lines = [f"{len(log)} passes; {len(seen)} window counts {sorted(seen)}; GPU idle between "
              f"passes {idle.sum() / 1e3:.3f} s, of it {idle[first].sum() / 1e3:.3f} s before "
-             f"a shard's first pass; passes after > 5 ms idle: {(idle > 5).sum()}"]
+             f"a shard's first pass, {idle[new].sum() / 1e3:.3f} s before the first pass of a "
+             f"window count; passes after > 5 ms idle: {(idle > 5).sum()}"]
     for i in np.argsort(-idle)[:15]:
         idle_ms, between_s, p = rows[i]
         lines.append(f"  {idle_ms:7.2f} ms idle before pass {i + 1}: host "
                      f"{between_s * 1e3:7.2f} ms elsewhere, {p['wait_s'] * 1e3:6.2f} ms waiting "
                      f"for the GPU, {p['launch_s'] * 1e3:7.2f} ms launching"
-                     f"{'; first of a shard' if p['first_of_call'] else ''}")
+                     f"{'; first of a shard' if p['first_of_call'] else ''}"
+                     f"{'; new window count' if p['new_shape'] else ''}")
     return "\n".join(lines)
 
 
@@ -117,9 +122,12 @@ def main() -> int:
         how = "under the profiler " if args.profile else ""
         print(f"{torch.cuda.get_device_name()}: {stats['tokens']:,} tokens in {wall:.2f} s "
               f"{how}({stats['tokens'] / wall / 1e6:.2f}M tok/s); "
+              f"models warm at {stats.get('models_ready_at_s')} s, first token shard at "
+              f"{stats.get('first_tokens_at_s')} s, "
               f"first shard at {stats.get('first_shard_at_s')} s, last vectors at "
               f"{stats.get('last_vectors_at_s')} s; waited {stats.get('read_wait_s')} s for "
               f"shards to be read, {stats.get('slot_wait_s')} s for writers")
+        print(f"first pass queued at {logs[0][0]['at'] - t:.3f} s")
         print(pass_gaps(logs[0]))
         if args.profile:
             print(summarize(gpu_intervals(profiled)))

@@ -32,14 +32,14 @@ import pyarrow.parquet as pq
 import torch
 
 from .children import start_python
-from .encoder import Encoder
+from .encoder import Encoder, compile_ahead
 from .layout import Planner, plan_passes
 from .shards import (
     EMBEDDINGS_DIR,
     MANIFEST,
     TOKENS_DIR,
     IndexFolderError,
-    atomic_write_table,
+    atomic_table_writer,
     file_sha256,
     read_manifest,
     token_shards,
@@ -79,9 +79,19 @@ def embedding_table(table: pa.Table, vectors: np.ndarray) -> pa.Table:
                      "embedding": vectors_to_arrow(vectors)})
 
 
-def write_embedding_shard(path: Path, table: pa.Table) -> dict:
+# Rows per row group of an embedding shard as it is written while the GPU works: the
+# vectors left to write once the GPU is done are at most about this many (and a forward
+# pass's worth).
+WRITE_ROWS = 8192
+
+
+def write_embedding_shard(path: Path, table: pa.Table, vector_blocks) -> dict:
+    """Write the embedding shard of token shard `table` from `vector_blocks`, its vectors as
+    (first row, vectors) blocks in row order (`PendingVectors.parts`), each as it comes."""
     # Vectors do not compress (zstd saved ~5% at 10x the write time).
-    path = atomic_write_table(table, path, compression="none", vector_column="embedding")
+    with atomic_table_writer(path, compression="none", vector_column="embedding") as write:
+        for first, vectors in vector_blocks:
+            write(embedding_table(table.slice(first, len(vectors)), vectors))
     return {"rows": table.num_rows, "sha256": file_sha256(path)}
 
 
@@ -135,17 +145,27 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
         return table, values, offsets, plan
 
     def finish(shard, table, pending, n_tokens, slots):
+        waiting = [0.0]  # for this shard's vectors, within its write
+
+        def arriving(blocks):
+            blocks = iter(blocks)
+            while True:
+                t = time.perf_counter()
+                block = next(blocks, None)
+                waiting[0] += time.perf_counter() - t
+                if block is None:
+                    return
+                with lock:
+                    timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
+                yield block
+
         try:
             t = time.perf_counter()
-            vectors = pending.result()
-            timed("wait_s", t)
+            record = write_embedding_shard(out_dir / shard["name"], table,
+                                           arriving(pending.parts(WRITE_ROWS)))
             with lock:
-                timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
-            t = time.perf_counter()
-            record = write_embedding_shard(out_dir / shard["name"],
-                                           embedding_table(table, vectors))
-            timed("write_s", t)
-            with lock:
+                timings["wait_s"] += waiting[0]
+                timings["write_s"] += time.perf_counter() - t - waiting[0]
                 timings["gpu_s"] += pending.gpu_seconds
             events.put((shard["name"], record, n_tokens))
         except BaseException as err:  # reported to the main thread, which stops the run
@@ -164,22 +184,29 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
                 tasks.put_nowait(END)  # for the other devices' threads
         return task
 
+    def fetch_and_read():
+        """The next shard for a device, read: waits for one (or for END) in a reader thread,
+        so that a device never waits for the shard after its current one to arrive."""
+        task = next_task()
+        return END if task is END else (task, read(task))
+
     def device_loop(encoder):
         slots = threading.Semaphore(IN_FLIGHT)
         try:
             if encoder.device.type == "cuda":
                 torch.cuda.set_device(encoder.device)  # per thread: this thread's GPU
-            task = next_task()
-            ahead = readers.submit(read, task) if task is not END else None
-            while task is not END:
+            ahead = readers.submit(fetch_and_read)
+            while True:
                 t = time.perf_counter()
-                table, values, offsets, plan = ahead.result()
+                fetched = ahead.result()
                 timed("read_wait_s", t)
+                if fetched is END:
+                    break
+                task, (table, values, offsets, plan) = fetched
                 with lock:
                     if timings["first_shard_at_s"] is None:
                         timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
-                following = next_task()
-                ahead = readers.submit(read, following) if following is not END else None
+                ahead = readers.submit(fetch_and_read)  # read while this one is embedded
                 t = time.perf_counter()
                 slots.acquire()
                 timed("slot_wait_s", t)
@@ -190,7 +217,6 @@ def embed_shards(index_dir: Path, tasks: queue.Queue, encoders: list[Encoder], d
                 with lock:
                     submitted[0] += 1
                 writers.submit(finish, task[0], table, pending, int(offsets[-1]), slots)
-                task = following
         except BaseException as err:
             events.put(err)
         events.put(exit_event)
@@ -229,8 +255,9 @@ def load_encoders(model: str | None, device: str | None, pooling: str | None, pr
     names = devices or [device]
 
     def load(name):
+        compiling = compile_ahead(model, name, precision)
         encoder = Encoder.load(model, name, pooling, precision)
-        encoder.warm_up()
+        encoder.warm_up(compiling)
         return encoder
 
     with ThreadPoolExecutor(len(names)) as pool:
@@ -254,9 +281,11 @@ def embed_stats(rows: int, n_tokens: int, elapsed: float, timings: dict) -> dict
 
 def new_timings() -> dict:
     """Seconds spent in each part (summed over threads), and when (since `origin`) the
-    first shard was ready for a GPU and the last vectors were back from one."""
+    models were loaded and warm, the first token shard was written (by `tokenize --embed`),
+    the first shard was ready for a GPU and the last vectors were back from one."""
     return {**dict.fromkeys(("read_s", "queue_s", "wait_s", "gpu_s", "write_s",
                              "read_wait_s", "slot_wait_s"), 0.0),
+            "models_ready_at_s": None, "first_tokens_at_s": None,
             "first_shard_at_s": None, "last_vectors_at_s": None,
             "origin": time.perf_counter()}
 
@@ -434,6 +463,8 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
                         break  # ended, and nothing left to read
                 kind, *payload = receive.recv()
                 if kind == "shard":
+                    if timings["first_tokens_at_s"] is None:
+                        timings["first_tokens_at_s"] = time.perf_counter() - timings["origin"]
                     handing = handing and put(tuple(payload))
                 else:
                     outcome["tokenize" if kind == "done" else "error"] = payload[0]
@@ -458,6 +489,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     failure: BaseException | None = None
     try:
         encoders = load_encoders(model, device, pooling, precision, devices)
+        timings["models_ready_at_s"] = time.perf_counter() - timings["origin"]
         check_max_tokens(settings.max_tokens, encoders[0])
         batch_tokens = batch_tokens or encoders[0].default_batch_tokens
         with tqdm(unit="doc", desc=f"embed {index_dir.name}", smoothing=0.1, delay=1,

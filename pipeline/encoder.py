@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,36 @@ def default_model_spec() -> str:
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return str(DEFAULT_MODEL_DIR)
     return FALLBACK_MODEL
+
+
+def model_width(spec: str | None) -> int | None:
+    """n_embd of a model spec, from its config alone (no weights read); None where the spec
+    is not a model (`load_model` says why)."""
+    spec = spec or default_model_spec()
+    if spec.startswith("random:"):
+        config = PRESETS.get(spec.split(":")[1])
+        return config.n_embd if config else None
+    try:
+        return int(json.loads((Path(spec) / "config.json").read_text()).get("n_embd", 768))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def compile_ahead(spec: str | None, device: str | None, precision: str = "auto"
+                  ) -> threading.Thread | None:
+    """Start compiling the packed path's fused kernel for `spec` on `device` in a thread, so
+    that it overlaps the loading of the weights (it takes ~0.6 s even from Triton's cache;
+    the weights ~0.2 s); `Encoder.warm_up` waits for it. None where there is nothing to
+    compile."""
+    with contextlib.suppress(ValueError, RuntimeError):  # bad names: Encoder.load says why
+        device_ = pick_device(device)
+        width = model_width(spec)
+        if device_.type == "cuda" and resolve_precision(precision, device_) == "bf16" and width:
+            thread = threading.Thread(target=fused.compile_for,
+                                      args=(device_, torch.bfloat16, width))
+            thread.start()
+            return thread
+    return None
 
 
 def state_sha256(model: GPT2Model) -> str:
@@ -183,29 +213,47 @@ def recorded_event(timing: bool = False) -> torch.cuda.Event:
 
 
 class PendingVectors:
-    """Vectors that may still be on their way from the GPU; `.result()` waits for them."""
+    """Vectors that may still be on their way from the GPU: `.result()` waits for all of
+    them, `.parts()` hands them over block by block as the GPU finishes each."""
 
     def __init__(self, host: np.ndarray | None = None, device_tensor: torch.Tensor | None = None,
-                 started: torch.cuda.Event | None = None, ready: torch.cuda.Event | None = None):
+                 started: torch.cuda.Event | None = None,
+                 done: Sequence[tuple[int, torch.cuda.Event]] = ()):
         self.host, self.device_tensor = host, device_tensor
-        self.started, self.ready = started, ready
+        # (rows, event) per forward pass: rows [0, rows) are final once the event is done;
+        # the last covers them all. `started` and the last event time the GPU's work.
+        self.started, self.done = started, list(done)
         self.gpu_seconds = 0.0  # from the first kernel to the last, once the result is in
 
     def result(self) -> np.ndarray:
-        if self.host is None:
-            # Copy on a side stream once this shard's kernels are done, so that waiting here
-            # does not wait for kernels queued later (the next shard's) on the main stream.
-            device = self.device_tensor.device
-            stream = torch.cuda.Stream(device)
-            host = torch.empty(self.device_tensor.shape, dtype=self.device_tensor.dtype,
-                               pin_memory=True)
-            with torch.cuda.device(device), torch.cuda.stream(stream):
-                stream.wait_event(self.ready)
-                host.copy_(self.device_tensor, non_blocking=True)
-            stream.synchronize()
-            self.host, self.device_tensor = host.numpy(), None
-            self.gpu_seconds = self.started.elapsed_time(self.ready) / 1e3
+        for _ in self.parts():
+            pass
         return self.host
+
+    def parts(self, min_rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, vectors) of consecutive blocks of at least `min_rows` rows (the last
+        may be smaller), in order, each as soon as the GPU has made it: a writer can write a
+        shard's first rows while the GPU is still on its last."""
+        if self.host is not None:
+            yield 0, self.host
+            return
+        gpu = self.device_tensor
+        host = torch.empty(gpu.shape, dtype=gpu.dtype, pin_memory=True)
+        # Copied on a side stream once the block's kernels are done, so that waiting here
+        # does not wait for kernels queued later (the next shard's) on the main stream.
+        stream = torch.cuda.Stream(gpu.device)
+        first = 0
+        for rows, event in self.done:
+            if rows - first < min_rows and rows < len(gpu):
+                continue
+            with torch.cuda.device(gpu.device), torch.cuda.stream(stream):
+                stream.wait_event(event)
+                host[first:rows].copy_(gpu[first:rows], non_blocking=True)
+            stream.synchronize()
+            yield first, host[first:rows].numpy()
+            first = rows
+        self.host, self.device_tensor = host.numpy(), None
+        self.gpu_seconds = self.started.elapsed_time(self.done[-1][1]) / 1e3
 
 
 @dataclass
@@ -322,17 +370,19 @@ class Encoder:
         """The host's share of the packed path (`layout.plan_passes`) for this encoder."""
         return plan_passes(values, offsets, max_batch_tokens, self.window)
 
-    def warm_up(self) -> None:
+    def warm_up(self, compiling: threading.Thread | None = None) -> None:
         """Do now what the first passes would otherwise stall the GPU on, while the first
-        shard is read or tokenized: the fused kernel's compile (~0.5-2 s) in one thread, the
-        first calls into cuDNN and cuBLAS (loading their kernels, ~1.5 s cold) in this one,
-        at the same time (torch's ops release the GIL)."""
+        shard is read or tokenized: the fused kernel's compile (~0.5-2 s; `compiling`, if
+        `compile_ahead` started it already) in one thread, the first calls into cuDNN and
+        cuBLAS (loading their kernels, ~1.5 s cold) in this one, at the same time (torch's
+        ops release the GIL)."""
         if not self.packs:
             return
         model, causal = self.model, self.model.config.attention == "causal"
-        compiling = threading.Thread(target=fused.compile_for, args=(
-            self.device, model.wte.weight.dtype, model.config.n_embd))
-        compiling.start()
+        if compiling is None:
+            compiling = threading.Thread(target=fused.compile_for, args=(
+                self.device, model.wte.weight.dtype, model.config.n_embd))
+            compiling.start()
         # Enough short sequences for WINDOW_STEP windows, and two long ones.
         lengths = np.array([WINDOW // 2] * (2 * WINDOW_STEP) + [2 * WINDOW + 1] * 2)
         values = np.zeros(lengths.sum(), dtype=np.int32)
@@ -366,7 +416,10 @@ class Encoder:
         # One host-to-device copy per call; the host waits for the GPU only to keep
         # AHEAD_BATCHES passes queued, never for results.
         layouts = layout_on_device(plans, self.device)
-        out = torch.empty((n, self.dim), device=self.device, dtype=torch.float32)
+        # Written in the output dtype pass by pass (float16: half the bytes to copy back),
+        # so each pass's rows can go back to the host as soon as it is done.
+        out = torch.empty((n, self.dim), device=self.device, dtype=TORCH_DTYPES[np.dtype(dtype)])
+        done = []
         with self._autocast():
             for (a, b), layout in zip(batches, layouts, strict=True):
                 waited = time.perf_counter()
@@ -374,18 +427,18 @@ class Encoder:
                 launched = time.perf_counter()
                 begin = recorded_event(timing=True) if log is not None else None
                 out[a:b] = self.model.embed_packed(layout, self.pooling)
-                self.queued.append(recorded_event(timing=log is not None))
+                last = b == n  # its event also times the whole call
+                self.queued.append(recorded_event(timing=log is not None or last))
+                done.append((b, self.queued[-1]))
                 if log is not None:
                     log.append({"first_of_call": a == 0, "at": waited,
+                                "window_tokens": layout.window_tokens,
                                 "wait_s": launched - waited,
                                 "launch_s": time.perf_counter() - launched,
                                 "begin": begin, "end": self.queued[-1]})
                 if progress is not None:
                     progress.update(b - a)
-        # float16 output is converted on the GPU: half the bytes to copy back.
-        out = out.to(TORCH_DTYPES[np.dtype(dtype)])
-        return PendingVectors(device_tensor=out, started=started,
-                              ready=recorded_event(timing=True))
+        return PendingVectors(device_tensor=out, started=started, done=done)
 
     def _wait_for_gpu(self) -> None:
         """Keep at most AHEAD_BATCHES forward passes queued on the GPU. Waiting on an event

@@ -74,9 +74,30 @@ def test_second_gpu_gives_the_vectors_of_the_first():
         assert (got * expected).sum(1).min() > 0.999
 
 
-def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path):
-    """The whole stage (reader-thread layouts, queued passes, copies back, writers) on every
-    GPU there is, against the same stage on the CPU in fp32."""
+def test_vectors_come_back_block_by_block_in_row_order():
+    """`parts` hands a shard's vectors to the writer as passes finish: consecutive blocks
+    of at least min_rows (the last may be smaller), together the vectors `result` gives."""
+    encoder = Encoder.load("random:gpt2-mini:3", "cuda", precision="bf16")
+    tokens = token_lists(5, n=2000)
+    values = np.concatenate([np.asarray(t, dtype=np.int32) for t in tokens])
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in tokens], out=offsets[1:])
+    whole = encoder.embed_flat(values, offsets, 4096, dtype=np.float16)
+    blocks = list(encoder.start_embed_flat(values, offsets, 4096, dtype=np.float16).parts(300))
+    sizes = [len(vectors) for _, vectors in blocks]
+    assert [first for first, _ in blocks] == np.cumsum([0] + sizes[:-1]).tolist()
+    assert sum(sizes) == len(tokens) and len(blocks) > 2 and min(sizes[:-1]) >= 300
+    np.testing.assert_allclose(np.concatenate([v for _, v in blocks]).astype(np.float32),
+                               whole.astype(np.float32), atol=1e-3)
+
+
+def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
+    """The whole stage (reader-thread layouts, queued passes, copies back, writers writing
+    each shard block by block) on every GPU there is, against the same stage on the CPU in
+    fp32."""
+    import pyarrow.parquet as pq
+
+    from pipeline import embed
     from pipeline.embed import run_embed
     from pipeline.shards import load_vectors
     from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
@@ -91,8 +112,11 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path):
     for name in ("cpu", "gpu"):
         run_tokenize(corpus, tmp_path / name, settings)
     run_embed(tmp_path / "cpu", "random:gpt2-mini:1", "cpu", precision="fp32")
+    monkeypatch.setattr(embed, "WRITE_ROWS", 100)  # several blocks (row groups) a shard
     run_embed(tmp_path / "gpu", "random:gpt2-mini:1", "cuda", devices=devices,
               batch_tokens=8192)
+    assert pq.ParquetFile(next((tmp_path / "gpu" / "embeddings").glob("*.parquet"))
+                          ).num_row_groups > 1
     cosine = (load_vectors(tmp_path / "cpu") * load_vectors(tmp_path / "gpu")).sum(1)
     assert len(cosine) >= 3000 and cosine.min() > 0.999, cosine.min()
 

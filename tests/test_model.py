@@ -145,6 +145,19 @@ def test_model_specs():
             load_model(bad)
 
 
+def test_model_width_is_read_without_the_weights(tmp_path):
+    """The GPU path compiles its fused kernel for the model's width while the weights load:
+    the width must be the one the loaded model has."""
+    from pipeline.encoder import compile_ahead, model_width
+
+    save_checkpoint(random_model("gpt2-tiny", seed=1), tmp_path)
+    for spec in ("random:gpt2-mini:3", "random:gpt2", str(tmp_path), None):
+        assert model_width(spec) == load_model(spec)[0].config.n_embd, spec
+    for bad in ("nonsense", "random:gpt5", "/no/such/folder"):
+        assert model_width(bad) is None
+    assert compile_ahead("random:gpt2-tiny", "cpu") is None  # nothing to compile on a CPU
+
+
 def test_presets_have_gpt2_shapes():
     assert GPT2Model(GPT2Config(n_layer=1)).config.vocab_size == 50257
     # 124M parameters for gpt2 (without the LM head, which shares wte)

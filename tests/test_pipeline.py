@@ -247,6 +247,55 @@ def test_read_rows_across_row_groups_and_shards(tmp_path):
     assert read_rows(tmp_path / "i", rows, ("doc_id", "text")) == [everything[r] for r in rows]
 
 
+def test_arrays_built_without_pa_array_equal_pa_arrays():
+    """Shards are built with numpy_to_arrow / strings_to_arrow (pa.array imports pandas on
+    first use): they must give exactly pa.array's arrays."""
+    import pyarrow as pa
+
+    from pipeline.shards import numpy_to_arrow, strings_to_arrow
+
+    rng = np.random.default_rng(0)
+    for values in (np.arange(10, dtype=np.int64), rng.integers(0, 50257, 99).astype(np.uint16),
+                   rng.standard_normal(7).astype(np.float16), np.arange(20, dtype=np.int32)[::3],
+                   np.zeros(0, dtype=np.float32)):
+        got = numpy_to_arrow(values)
+        assert got.equals(pa.array(values)) and got.type == pa.array(values).type
+    texts = ["", "plain", "naïve café ☕", "日本語のテキスト", "line\nbreak", "x" * 1000]
+    assert strings_to_arrow(texts).equals(pa.array(texts, pa.string()))
+    assert strings_to_arrow([]).equals(pa.array([], pa.string()))
+
+
+def test_a_file_written_in_parts_is_renamed_only_when_whole(tmp_path):
+    """Embedding shards are written block by block while the GPU works on the rest: the
+    file holds every part in order, and a failure mid-way leaves the old file untouched."""
+    import pyarrow as pa
+
+    from pipeline.shards import arrow_to_vectors, atomic_table_writer, vectors_to_arrow
+
+    vectors = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float16)
+    parts = [(0, 300), (300, 650), (650, 1000)]
+    path = tmp_path / "part-00000.parquet"
+
+    def table(a, b):
+        return pa.table({"row": np.arange(a, b), "embedding": vectors_to_arrow(vectors[a:b])})
+
+    with atomic_table_writer(path, compression="none", vector_column="embedding") as write:
+        for a, b in parts:
+            write(table(a, b))
+            assert not path.exists()  # only the temp file, until the last part is in
+    written = pq.read_table(path)
+    assert written["row"].to_pylist() == list(range(1000))
+    np.testing.assert_array_equal(arrow_to_vectors(written["embedding"]), vectors)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    before = path.read_bytes()
+    with (pytest.raises(RuntimeError, match="GPU gone"),
+          atomic_table_writer(path, vector_column="embedding") as write):
+        write(table(0, 300))
+        raise RuntimeError("GPU gone")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
 def test_several_workers_give_the_same_shards(tmp_path):
     """--devices runs one thread per device; here two CPU encoders stand in for GPUs."""
     corpus = tmp_path / "c.jsonl"
@@ -265,19 +314,21 @@ def test_several_workers_give_the_same_shards(tmp_path):
                                                          shard.name))
 
 
-def test_first_token_shard_is_small_the_rest_full(tmp_path):
+def test_first_token_shards_start_small_and_double(tmp_path):
     """`tokenize --embed` starts the GPU on the first shard: it holds at most 4,096 rows,
-    the next ones --shard-rows, rows numbered on across them."""
+    each next one twice the one before up to --shard-rows, rows numbered on across them."""
     from pipeline.tokenize_corpus import FIRST_SHARD_ROWS
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"line {i} of a corpus\n" for i in range(13_000)))
-    ok("tokenize", corpus, "--index", tmp_path / "idx", "--shard-rows", 5000)
+    corpus.write_text("".join(f"line {i} of a corpus\n" for i in range(45_000)))
+    ok("tokenize", corpus, "--index", tmp_path / "idx", "--shard-rows", 12_000)
     shards = read_manifest(tmp_path / "idx")["tokenize"]["shards"]
-    assert [s["rows"] for s in shards] == [FIRST_SHARD_ROWS, 5000, 13_000 - 5000 - 4096]
+    first = FIRST_SHARD_ROWS
+    assert [s["rows"] for s in shards] == [first, 2 * first, 12_000, 12_000,
+                                           45_000 - 3 * first - 24_000]
     rows = [pq.read_table(tmp_path / "idx" / "tokens" / s["name"])["row"].to_pylist()
             for s in shards]
-    assert sum(rows, []) == list(range(13_000))
+    assert sum(rows, []) == list(range(45_000))
 
 
 def test_tokenize_with_embed_equals_the_two_stages(tmp_path):
