@@ -226,7 +226,8 @@ class PendingVectors:
         self.gpu_seconds = 0.0  # from the first kernel to the last, once the result is in
 
     def result(self) -> np.ndarray:
-        for _ in self.parts():
+        whole = len(self.device_tensor) if self.host is None else 0
+        for _ in self.parts(min_rows=whole):  # one copy, once the last pass is done
             pass
         return self.host
 

@@ -28,6 +28,8 @@ def numpy_to_arrow(values: np.ndarray) -> pa.Array:
     types (0.2-0.45 s on a GPU host, which the first shard of `tokenize --embed` waited for).
     """
     values = np.ascontiguousarray(values)
+    if values.ndim != 1 or values.dtype.kind not in "iuf":  # Arrow's bools are bits
+        raise TypeError(f"expected a 1-D numeric array, got {values.dtype} {values.shape}")
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
                                  [None, pa.py_buffer(values)])
 

@@ -263,6 +263,8 @@ def test_arrays_built_without_pa_array_equal_pa_arrays():
     texts = ["", "plain", "naïve café ☕", "日本語のテキスト", "line\nbreak", "x" * 1000]
     assert strings_to_arrow(texts).equals(pa.array(texts, pa.string()))
     assert strings_to_arrow([]).equals(pa.array([], pa.string()))
+    with pytest.raises(TypeError):
+        numpy_to_arrow(np.array([True, False]))  # Arrow packs bools into bits
 
 
 def test_a_file_written_in_parts_is_renamed_only_when_whole(tmp_path):
