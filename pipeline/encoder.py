@@ -75,10 +75,7 @@ def compile_ahead(spec: str | None, device: str | None, precision: str = "auto"
         device_ = pick_device(device)
         width = model_width(spec)
         if device_.type == "cuda" and resolve_precision(precision, device_) == "bf16" and width:
-            thread = threading.Thread(target=fused.compile_for,
-                                      args=(device_, torch.bfloat16, width))
-            thread.start()
-            return thread
+            return fused.start_compile(device_, torch.bfloat16, width)
     return None
 
 
@@ -380,10 +377,8 @@ class Encoder:
         if not self.packs:
             return
         model, causal = self.model, self.model.config.attention == "causal"
-        if compiling is None:
-            compiling = threading.Thread(target=fused.compile_for, args=(
-                self.device, model.wte.weight.dtype, model.config.n_embd))
-            compiling.start()
+        compiling = compiling or fused.start_compile(self.device, model.wte.weight.dtype,
+                                                     model.config.n_embd)
         # Enough short sequences for WINDOW_STEP windows, and two long ones.
         lengths = np.array([WINDOW // 2] * (2 * WINDOW_STEP) + [2 * WINDOW + 1] * 2)
         values = np.zeros(lengths.sum(), dtype=np.int32)

@@ -10,6 +10,8 @@ the tensors are not on a GPU, the same two steps run in torch.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -75,3 +77,11 @@ def compile_for(device: torch.device, dtype: torch.dtype, n_cols: int) -> None:
         x = torch.zeros(ROWS_PER_PROGRAM, n_cols, device=device, dtype=dtype)
         add_layer_norm(x, x, nn.LayerNorm(n_cols, device=device, dtype=dtype))
         torch.cuda.synchronize()
+
+
+def start_compile(device: torch.device, dtype: torch.dtype, n_cols: int) -> threading.Thread:
+    """`compile_for` in a thread of its own, already started; join it before the first
+    forward pass."""
+    thread = threading.Thread(target=compile_for, args=(device, dtype, n_cols))
+    thread.start()
+    return thread

@@ -102,19 +102,18 @@ class SelfAttention(nn.Module):
             out = torch.empty((N, self.n_head, hs), dtype=y.dtype, device=y.device)
             out[nw:] = y
             out[:nw].view(-1, layout.window, self.n_head, hs).copy_(
-                self.window_attention(qkv, layout, transpose=False).transpose(1, 2))
+                self.window_attention(qkv, layout))
             y = out
         return self.c_proj(y.reshape(N, C))
 
-    def window_attention(self, qkv: torch.Tensor, layout: PackedLayout,
-                         transpose: bool = True) -> torch.Tensor:
-        """Dense attention over the windows under their block-diagonal mask: (W, nh, window,
-        hs), or transposed to (W, window, nh, hs), the slots' order."""
+    def window_attention(self, qkv: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Dense attention over the windows under their block-diagonal mask, as (W, window,
+        nh, hs): the slots' order (a view; reshaping it copies)."""
         hs = qkv.shape[-1]
         q, k, v = qkv[:layout.window_tokens].view(-1, layout.window, 3, self.n_head, hs) \
             .permute(2, 0, 3, 1, 4)  # each (W, nh, window, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.window_mask)
-        return y.transpose(1, 2) if transpose else y
+        return y.transpose(1, 2)
 
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, causal: bool):
