@@ -207,39 +207,79 @@ def _blocks(vectors: np.ndarray | Iterable[np.ndarray], block_rows: int) -> Iter
         yield from vectors
 
 
+# Elements of (queries x candidates x dim) rescored at a time: bounds the float64 temporaries.
+RESCORE_ELEMENTS = 1 << 22
+
+
+def exact_inner(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Inner product of each query (nq, d) with each of its candidates (nq, c, d): (nq, c)
+    float64, the same bits for equal vectors wherever they sit.
+
+    A BLAS matmul does not promise that: its kernels sum a row's products in an order that
+    depends on where in a block the row falls (and on the CPU), so two copies of one vector
+    can score a last bit apart. Here float32 products are exact in float64 and the sum runs
+    over the dim axis in one fixed order for every element.
+    """
+    q = np.asarray(queries, np.float64)
+    out = np.empty(candidates.shape[:2], np.float64)
+    step = max(1, RESCORE_ELEMENTS // max(1, candidates.shape[1] * candidates.shape[2]))
+    for lo in range(0, len(q), step):
+        block = candidates[lo:lo + step].astype(np.float64)  # (m, c, d)
+        block *= q[lo:lo + step, None, :]
+        out[lo:lo + step] = block.sum(axis=2)
+    return out
+
+
+def _candidates(scores: np.ndarray, kb: int, scale: np.ndarray, dim: int) -> np.ndarray:
+    """Columns of `scores` (nq, rows; float32 BLAS) that may be in a query's exact top kb: the
+    top kb, and every row within float32's rounding error of the kb-th, so that rows tied with
+    it are all rescored and the lower one wins, not the one BLAS happened to round up."""
+    top = np.argpartition(-scores, kb - 1, axis=1)[:, :kb]
+    kth = np.take_along_axis(scores, top, axis=1).min(axis=1)
+    # |float32 dot - exact| <= dim * 2^-24 * |q| |x|: twice that as the margin.
+    margin = dim * 2.0 ** -23 * scale
+    wanted = int((scores >= (kth - margin)[:, None]).sum(axis=1).max())
+    if wanted <= kb:
+        return top
+    return np.argpartition(-scores, wanted - 1, axis=1)[:, :wanted]
+
+
 def exact_neighbours(vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, k: int,
                      block_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products, in numpy (independent of FAISS), streaming over the vectors.
 
     `vectors` is an array or an iterable of consecutive row blocks (e.g. one per shard); memory
     stays at len(queries) x block size. Returns (scores, ids), each (nq, k), best first; ties go
-    to the lower row; ids are -1 (score -inf) where there are fewer than k rows.
+    to the lower row, on any CPU: a float32 matmul picks the candidates and `exact_inner`
+    ranks them; ids are -1 (score -inf) where there are fewer than k rows.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     nq = len(queries)
-    best_scores = np.full((nq, k), -np.inf, np.float32)
+    query_norms = np.linalg.norm(queries, axis=1)
+    best_scores = np.full((nq, k), -np.inf, np.float64)
     best_ids = np.full((nq, k), -1, np.int64)
     start = 0
     for block in _blocks(vectors, block_rows):
         block = np.asarray(block, dtype=np.float32)
-        scores = queries @ block.T  # (nq, rows in block)
         kb = min(k, len(block))
         if kb:
-            top = np.argpartition(-scores, kb - 1, axis=1)[:, :kb]
-            cand_scores = np.concatenate(
-                [best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+            scores = queries @ block.T  # (nq, rows in block)
+            scale = query_norms * float(np.linalg.norm(block, axis=1).max())
+            top = _candidates(scores, kb, scale, block.shape[1])
+            cand_scores = np.concatenate([best_scores, exact_inner(queries, block[top])], axis=1)
             cand_ids = np.concatenate([best_ids, top + start], axis=1)
             order = np.lexsort((cand_ids, -cand_scores), axis=-1)[:, :k]
             best_scores = np.take_along_axis(cand_scores, order, axis=1)
             best_ids = np.take_along_axis(cand_ids, order, axis=1)
         start += len(block)
-    return best_scores, best_ids
+    return best_scores.astype(np.float32), best_ids
 
 
 def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Exact inner product of each query with each of its ids (nq, k); -inf where id is -1."""
+    """Exact inner product of each query with each of its ids (nq, k); -inf where id is -1.
+    The same arithmetic as `exact_neighbours`'s ranking, so both give a pair the same score."""
     safe = np.where(ids >= 0, ids, 0)
-    scores = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), vectors[safe])
+    scores = exact_inner(np.asarray(queries, np.float32), vectors[safe]).astype(np.float32)
     return np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
 

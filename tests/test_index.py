@@ -108,6 +108,33 @@ def test_exact_neighbours_streams_blocks_and_matches_full_sort():
     assert list(ids[0, :11]) == [3, *range(1500, 1510)]
 
 
+@pytest.mark.parametrize("block_rows", [7, 128, 1000, 4096])
+def test_exact_neighbours_ties_go_to_the_lower_row_at_the_kth_place(block_rows):
+    # 40 copies of one vector, spread over blocks and block positions (a BLAS matmul scores
+    # copies a last bit apart depending on where in its block a row falls): k cuts the tie.
+    x = random_unit_vectors(3_000, 48, seed=4)
+    copies = np.array([3, *range(1493, 1521), *range(2990, 3000), 37])
+    x[copies] = x[3]
+    q = x[[3, 3, 5]]
+    q[1] *= 0.5  # the tie holds for a scaled query too
+    for k in (1, 5, 12, 39):
+        scores, ids = ix.exact_neighbours(x, q, k, block_rows=block_rows)
+        np.testing.assert_array_equal(ids[0], np.sort(copies)[:k])
+        np.testing.assert_array_equal(ids[1], np.sort(copies)[:k])
+        assert len(set(scores[0].tolist())) == 1  # equal vectors, equal scores
+
+
+def test_exact_inner_equal_vectors_get_equal_bits_and_exact_values():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((3, 384), dtype=np.float32)
+    row = rng.standard_normal(384, dtype=np.float32)
+    candidates = np.repeat(row[None, None, :], 3, axis=0).repeat(50, axis=1)
+    scores = ix.exact_inner(q, candidates)
+    assert (scores == scores[:, :1]).all()
+    np.testing.assert_allclose(scores[:, 0], q.astype(np.float64) @ row.astype(np.float64),
+                               rtol=1e-12)
+
+
 def test_exact_neighbours_with_fewer_rows_than_k():
     scores, ids = ix.exact_neighbours(random_unit_vectors(3, 8), random_unit_vectors(2, 8), 5)
     assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
