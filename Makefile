@@ -33,7 +33,7 @@ $(DEV): $(RUNTIME)
 	touch $@
 
 $(RANKS): | $(RUNTIME)
-	$(PY) -m pipeline.tokenizer fetch --out $(RANKS)
+	$(PY) -m pipeline.text.tokenizer fetch --out $(RANKS)
 
 setup: $(RUNTIME) $(RANKS)
 
@@ -130,7 +130,7 @@ model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS)
 	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-cosent --init $(TRAIN_DIR)/$(BASE)-distill \
 	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs 4 --pair-batch-size 32 \
 	    --lr 1e-4 --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 $(TRAIN_OPTS)
-	$(PY) -m pipeline.train export $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
+	$(PY) -m pipeline.train.loop export $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
 	cp $(TRAIN_DIR)/$(BASE)-distill/train_log.jsonl $(MODEL_DIR)/distill_log.jsonl
 	$(MAKE) eval EVAL_MODEL=$(MODEL_DIR) PY="$(PY)" RUNTIME="$(RUNTIME)" TRAIN_DEPS="$(TRAIN_DEPS)" \
 	    TEACHER="$(TEACHER)" TRAIN_DEVICE="$(TRAIN_DEVICE)"

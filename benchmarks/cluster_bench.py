@@ -5,7 +5,7 @@
     python benchmarks/cluster_bench.py --threads 16 --nredo 1   # one k-means run, 16 threads
 
 Phases, each timed: generate the vectors (not part of the pipeline), train k-means on a
-uniform sample (pipeline.cluster.train_spherical_kmeans: k-means++ seeding where faiss has
+uniform sample (pipeline.analysis.cluster.train_spherical_kmeans: k-means++ seeding where faiss has
 it, best of --nredo runs), assign every vector to its nearest centroid in blocks of
 --block rows (as the pipeline does shard by shard), and score the result against the
 generating groups (adjusted Rand index) and by mean similarity to the centroid.

@@ -26,11 +26,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.embed import run_embed, run_tokenize_and_embed
-from pipeline.encoder import Encoder
-from pipeline.model import random_model, save_checkpoint
-from pipeline.shards import load_vectors
-from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
+from pipeline.embed.encoder import Encoder
+from pipeline.embed.stage import run_embed, run_tokenize_and_embed
+from pipeline.model.gpt2 import random_model, save_checkpoint
+from pipeline.parquet import load_vectors
+from pipeline.text.stage import TokenizeSettings, run_tokenize
 
 DEBIAN = Path(__file__).resolve().parent.parent / "data_sets" / "debian_packages.parquet"
 
@@ -62,7 +62,7 @@ def fill_kernel_cache(spec: str, device: torch.device) -> float:
     import subprocess
 
     t = time.perf_counter()
-    code = ("import sys, torch; from pipeline.encoder import compile_ahead; "
+    code = ("import sys, torch; from pipeline.embed.encoder import compile_ahead; "
             "thread = compile_ahead(sys.argv[1], sys.argv[2]); thread and thread.join()")
     subprocess.run([sys.executable, "-c", code, spec, str(device)], check=True)
     return time.perf_counter() - t
@@ -141,7 +141,7 @@ def transformers_baseline(folder: Path, texts: list[str], device: torch.device,
     back on the CPU."""
     import transformers
 
-    from pipeline.tokenizer import Tokenizer
+    from pipeline.text.tokenizer import Tokenizer
 
     model = transformers.GPT2Model.from_pretrained(folder, attn_implementation="sdpa").float()
     model = model.to(device).eval()

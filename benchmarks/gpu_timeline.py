@@ -25,10 +25,10 @@ from embed_bench import make_corpus
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.embed import run_embed, run_tokenize_and_embed
-from pipeline.encoder import Encoder
-from pipeline.model import random_model, save_checkpoint
-from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
+from pipeline.embed.encoder import Encoder
+from pipeline.embed.stage import run_embed, run_tokenize_and_embed
+from pipeline.model.gpt2 import random_model, save_checkpoint
+from pipeline.text.stage import TokenizeSettings, run_tokenize
 
 
 def gpu_intervals(prof, device_index: int = 0) -> list[tuple[int, int, str]]:

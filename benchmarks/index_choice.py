@@ -1,4 +1,4 @@
-"""The measurements behind pipeline.index.choose_index_key's thresholds.
+"""The measurements behind pipeline.index.build.choose_index_key's thresholds.
 
     python benchmarks/index_choice.py [--dim 384] [--rows 100000]
 
@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from pipeline import index as ix
+from pipeline.index import build as ix
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.encoder import Encoder
+from pipeline.embed.encoder import Encoder
 
 
 def lengths_like_the_bench(n_tokens: int, seed: int = 0) -> np.ndarray:

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_pack import unpack_teacher
-from pipeline.encoder import Encoder
-from pipeline.evaluate import evaluate_embedder, read_pairs
-from pipeline.train import (
+from pipeline.analysis.evaluate import evaluate_embedder, read_pairs
+from pipeline.embed.encoder import Encoder
+from pipeline.train.loop import (
     TrainConfig,
     export_checkpoint,
     read_texts,

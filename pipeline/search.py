@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .query_encoder import NotSupported, QueryEncoder
-from .shards import IndexFolderError, read_rows, require_embeddings
+from pipeline.model.numpy_forward import NotSupported, QueryEncoder
+from pipeline.parquet import IndexFolderError, read_rows, require_embeddings
 
 if TYPE_CHECKING:
-    from .encoder import Encoder
+    from pipeline.embed.encoder import Encoder
 
 ENGINES = ("auto", "numpy", "torch")
 
@@ -70,7 +70,7 @@ def load_search_encoder(index_dir: Path, model: str | None, device: str | None,
             if engine == "numpy":
                 raise
     if encoder is None:
-        from .encoder import Encoder
+        from pipeline.embed.encoder import Encoder
 
         encoder = Encoder.load(spec, device, identity["pooling"])
     if encoder.sha256 != identity["model_sha256"]:
@@ -85,7 +85,7 @@ def search(index_dir: str | Path, queries: Sequence[str], k: int = 10,
            model: str | None = None, device: str | None = None,
            engine: str = "auto") -> list[list[Hit]]:
     """Top-k documents for each query (engine: see load_search_encoder)."""
-    from .index import load_index
+    from pipeline.index.build import load_index
 
     index_dir = Path(index_dir)
     if k < 1:

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.encoder import Encoder
-from pipeline.tokenizer import Tokenizer
+from pipeline.embed.encoder import Encoder
+from pipeline.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import shards
+from pipeline import parquet as shards
 
 DEFAULT_IDENTITY = {"model": "random:test", "model_sha256": "0" * 64, "pooling": "mean",
                     "dim": None, "max_tokens": 128}

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.shards import arrow_to_vectors
+from pipeline.parquet import arrow_to_vectors
 
 MODEL = ["--model", "random:gpt2-tiny", "--device", "cpu"]
 runner = CliRunner()

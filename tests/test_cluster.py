@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cluster
-from pipeline.shards import vectors_to_arrow
+from pipeline.analysis import cluster
+from pipeline.parquet import vectors_to_arrow
 
 
 def blobs(k: int, per: int, dim: int, noise: float, seed: int):

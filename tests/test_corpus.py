@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import CorpusError, ReadStats, iter_documents, resolve_corpus
+from pipeline.text.corpus import CorpusError, ReadStats, iter_documents, resolve_corpus
 
 TEXTS = ["first document", "", "second, with a comma", "third \"quoted\" text"]
 

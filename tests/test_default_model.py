@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.encoder import DEFAULT_MODEL_DIR, Encoder, default_model_spec
-from pipeline.evaluate import evaluate_embedder, read_pairs
+from pipeline.analysis.evaluate import evaluate_embedder, read_pairs
+from pipeline.embed.encoder import DEFAULT_MODEL_DIR, Encoder, default_model_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BAR = 0.80  # issue 6: STS-B test Spearman of the default model

@@ -9,8 +9,7 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.evaluate import (
+from pipeline.analysis.evaluate import (
     best_threshold,
     classification_metrics,
     evaluate_models,
@@ -21,6 +20,7 @@ from pipeline.evaluate import (
     roc_auc,
     spearman,
 )
+from pipeline.cli import app
 
 runner = CliRunner()
 

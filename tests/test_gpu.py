@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.encoder import Encoder, pad_batch
-from pipeline.model import POOLINGS, random_model
+from pipeline.embed.encoder import Encoder, pad_batch
+from pipeline.model.gpt2 import POOLINGS, random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -97,10 +97,10 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
     fp32."""
     import pyarrow.parquet as pq
 
-    from pipeline import embed
-    from pipeline.embed import run_embed
-    from pipeline.shards import load_vectors
-    from pipeline.tokenize_corpus import TokenizeSettings, run_tokenize
+    from pipeline.embed import stage as embed
+    from pipeline.embed.stage import run_embed
+    from pipeline.parquet import load_vectors
+    from pipeline.text.stage import TokenizeSettings, run_tokenize
 
     rng = np.random.default_rng(0)
     words = "bread oven flour kernel driver packet window photo resize audio".split()
@@ -123,7 +123,7 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.07)])
 def test_fused_add_layer_norm_equals_the_two_torch_steps(dtype, tol):
-    from pipeline.fused import add_layer_norm, fused_available
+    from pipeline.model.fused import add_layer_norm, fused_available
 
     norm = torch.nn.LayerNorm(768).cuda().to(dtype)
     with torch.no_grad():

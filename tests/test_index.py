@@ -7,8 +7,8 @@ import pytest
 from helpers_index import random_unit_vectors, write_embedded_folder
 from rich.console import Console
 
-from pipeline import index as ix
-from pipeline.shards import IndexFolderError, read_manifest
+from pipeline.index import build as ix
+from pipeline.parquet import IndexFolderError, read_manifest
 
 
 def brute_force(vectors, queries, k, exclude=None):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import ModelSpecError, load_model, pad_batch
-from pipeline.model import (
+from pipeline.embed.encoder import ModelSpecError, load_model, pad_batch
+from pipeline.model.gpt2 import (
     ATTENTIONS,
     POOLINGS,
     GPT2Config,
@@ -148,7 +148,7 @@ def test_model_specs():
 def test_model_width_is_read_without_the_weights(tmp_path):
     """The GPU path compiles its fused kernel for the model's width while the weights load:
     the width must be the one the loaded model has."""
-    from pipeline.encoder import compile_ahead, model_width
+    from pipeline.embed.encoder import compile_ahead, model_width
 
     save_checkpoint(random_model("gpt2-tiny", seed=1), tmp_path)
     for spec in ("random:gpt2-mini:3", "random:gpt2", str(tmp_path), None):
@@ -170,7 +170,7 @@ def test_presets_have_gpt2_shapes():
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_packed_pooling_equals_padded_pooling(pooling):
     """The GPU path pools packed (N, C) states; it must equal pooling the padded batch."""
-    from pipeline.model import pool_packed
+    from pipeline.model.gpt2 import pool_packed
 
     tokens = random_token_lists(11, n=6, max_len=25)
     lengths = torch.tensor([len(t) for t in tokens])
@@ -187,7 +187,7 @@ def test_packed_pooling_equals_padded_pooling(pooling):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_pack_windows_fits_every_sequence_once(seed):
-    from pipeline.encoder import pack_windows
+    from pipeline.embed.encoder import pack_windows
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 129, 500)
@@ -208,7 +208,7 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
     block-diagonal mask, the sequences of part-filled windows and the long ones back to
     back) gives each sequence the vector of the plain padded forward. On CPU in fp32, with
     16-slot windows."""
-    from pipeline.encoder import layout_on_device, plan_layout
+    from pipeline.embed.encoder import layout_on_device, plan_layout
 
     model = random_model("gpt2-tiny", seed=2).eval()
     model.config = replace(model.config, attention=attention)
@@ -234,7 +234,7 @@ def test_windowed_layout_forward_equals_padded_forward(attention, pooling, max_l
 
 @pytest.mark.parametrize("seed", range(10))
 def test_packed_batches_cover_rows_within_budget(seed):
-    from pipeline.layout import plan_packed_batches
+    from pipeline.embed.layout import plan_packed_batches
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 300, (int(torch.randint(0, 200, (1,), generator=g)),),
@@ -249,7 +249,7 @@ def test_packed_batches_cover_rows_within_budget(seed):
 def test_planner_process_plans_like_this_process_and_reports_its_death():
     """The embed stage plans layouts in a child process (layout.Planner): the same plans as
     in-process; a child that dies gives a one-line error instead of a hang."""
-    from pipeline.layout import Planner, plan_passes
+    from pipeline.embed.layout import Planner, plan_passes
 
     rng = np.random.default_rng(3)
     lengths = np.clip(rng.lognormal(np.log(30), 0.9, 12000), 1, 400).astype(np.int64)

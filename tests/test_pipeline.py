@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.encoder import Encoder
+from pipeline.embed.encoder import Encoder
+from pipeline.parquet import load_vectors, read_manifest
 from pipeline.search import merge_chunk_hits
-from pipeline.shards import load_vectors, read_manifest
 
 runner = CliRunner()
 TINY = ["--model", "random:gpt2-tiny", "--device", "cpu"]
@@ -233,7 +233,7 @@ def test_killed_embed_resumes_to_identical_result(tmp_path, sig):
 
 
 def test_read_rows_across_row_groups_and_shards(tmp_path):
-    from pipeline.shards import read_rows
+    from pipeline.parquet import read_rows
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"document number {i}\n" for i in range(12000)))
@@ -252,7 +252,7 @@ def test_arrays_built_without_pa_array_equal_pa_arrays():
     first use): they must give exactly pa.array's arrays."""
     import pyarrow as pa
 
-    from pipeline.shards import numpy_to_arrow, strings_to_arrow
+    from pipeline.parquet import numpy_to_arrow, strings_to_arrow
 
     rng = np.random.default_rng(0)
     for values in (np.arange(10, dtype=np.int64), rng.integers(0, 50257, 99).astype(np.uint16),
@@ -272,7 +272,7 @@ def test_a_file_written_in_parts_is_renamed_only_when_whole(tmp_path):
     file holds every part in order, and a failure mid-way leaves the old file untouched."""
     import pyarrow as pa
 
-    from pipeline.shards import arrow_to_vectors, atomic_table_writer, vectors_to_arrow
+    from pipeline.parquet import arrow_to_vectors, atomic_table_writer, vectors_to_arrow
 
     vectors = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float16)
     parts = [(0, 300), (300, 650), (650, 1000)]
@@ -319,7 +319,7 @@ def test_several_workers_give_the_same_shards(tmp_path):
 def test_first_token_shards_start_small_and_double(tmp_path):
     """`tokenize --embed` starts the GPU on the first shard: it holds at most 4,096 rows,
     each next one twice the one before up to --shard-rows, rows numbered on across them."""
-    from pipeline.tokenize_corpus import FIRST_SHARD_ROWS
+    from pipeline.text.stage import FIRST_SHARD_ROWS
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} of a corpus\n" for i in range(45_000)))
@@ -456,8 +456,8 @@ def test_tokenize_with_embed_reports_a_killed_tokenizer(tmp_path):
 def test_tokenize_with_embed_stops_at_once_on_an_embedding_error(tmp_path, monkeypatch):
     """An error on the embedding side while the tokenizer has filled the pipe: the child
     stops (its report is dropped), the error comes out, nothing is left behind."""
-    import pipeline.embed as embed
-    from pipeline.tokenize_corpus import TokenizeSettings
+    import pipeline.embed.stage as embed
+    from pipeline.text.stage import TokenizeSettings
 
     def failing_embed(*args, **kwargs):
         time.sleep(3)  # the child fills the pipe meanwhile

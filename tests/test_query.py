@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial import distance
 from scipy.stats import pearsonr
 
-from pipeline import query
+from pipeline.analysis import metrics as query
 
 
 @pytest.fixture

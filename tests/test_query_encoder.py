@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pipeline import query_encoder as qe
 from pipeline.cli import app
-from pipeline.encoder import DEFAULT_MODEL_DIR, Encoder, pad_batch
-from pipeline.model import random_model, save_checkpoint, to_hf_state_dict
-from pipeline.query_encoder import NotSupported, QueryEncoder
+from pipeline.embed.encoder import DEFAULT_MODEL_DIR, Encoder, pad_batch
+from pipeline.model import numpy_forward as qe
+from pipeline.model.gpt2 import random_model, save_checkpoint, to_hf_state_dict
+from pipeline.model.numpy_forward import NotSupported, QueryEncoder
 from pipeline.search import search
 
 runner = CliRunner()
@@ -169,7 +169,7 @@ def checkpoint_index(tmp_path_factory):
 def test_search_hits_equal_on_numpy_and_torch(checkpoint_index, monkeypatch):
     index, _ = checkpoint_index
     # the torch reference in fp32 (auto would pick bf16 on CPUs with AMX)
-    monkeypatch.setattr("pipeline.encoder.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("pipeline.embed.encoder.cpu_has_fast_bf16", lambda: False)
     queries = ["bread in the oven", "moon rocket", "a drum solo at the concert"]
     by_numpy = search(index, queries, k=5, engine="numpy")
     by_torch = search(index, queries, k=5, device="cpu", engine="torch")

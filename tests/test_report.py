@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_cluster import topic_corpus, write_index  # the known-topics index folder
 
-from pipeline import cluster, report
+from pipeline.analysis import cluster, report
 
 
 def grouped_sentences():

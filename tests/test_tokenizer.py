@@ -4,7 +4,7 @@ import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
-from pipeline import tokenizer as tk
+from pipeline.text import tokenizer as tk
 
 
 @pytest.fixture(scope="module")

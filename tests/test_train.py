@@ -18,8 +18,8 @@ from test_evaluate import PAIRS, write_pairs  # tests/ is on sys.path under pyte
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.model import PRESETS, GPT2Model, load_pretrained
-from pipeline.train import (
+from pipeline.model.gpt2 import PRESETS, GPT2Model, load_pretrained
+from pipeline.train.loop import (
     TokenTable,
     TrainConfig,
     TrainError,
@@ -184,7 +184,7 @@ def test_build_model_from_preset_and_checkpoints(tmp_path):
 def test_training_forward_equals_embed(attention, pooling, padded):
     model = build_model("gpt2-tiny", seed=2, attention=attention, pooling=pooling,
                         projection_dim=8)
-    from pipeline.encoder import pad_batch
+    from pipeline.embed.encoder import pad_batch
 
     rows = [[464, 3797, 318, 11029, 13], [40, 588, 22], [1, 2, 3, 4, 5]]
     ids, mask = pad_batch(rows if padded else [r[:3] for r in rows])
@@ -311,7 +311,7 @@ def test_cli_train_and_user_errors(data):
 def test_export_shards_and_merge(tmp_path):
     torch.manual_seed(0)
     model = GPT2Model(replace(PRESETS["gpt2-tiny"], projection_dim=8)).eval()
-    from pipeline.model import save_checkpoint
+    from pipeline.model.gpt2 import save_checkpoint
 
     save_checkpoint(model, tmp_path / "src")
     files = export_checkpoint(tmp_path / "src", tmp_path / "sharded", "float16",
@@ -327,7 +327,7 @@ def test_export_shards_and_merge(tmp_path):
 
 
 def test_non_finite_gradient_skips_the_update(data, monkeypatch):
-    import pipeline.train as train_module
+    import pipeline.train.loop as train_module
 
     real = train_module.objective_loss
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from rich.markup import escape
 
-from .shards import (
+from pipeline.parquet import (
     EMBEDDINGS_DIR,
     IndexFolderError,
     atomic_write_json,

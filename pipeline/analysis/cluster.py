@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import report as rpt
-from .shards import (
+from pipeline.analysis import report as rpt
+from pipeline.parquet import (
     EMBEDDINGS_DIR,
     TOKENS_DIR,
     arrow_to_vectors,

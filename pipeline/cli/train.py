@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .cli import DeviceOption, UsageError, check_pooling, console, user_errors
-from .query_encoder import ATTENTIONS  # model.py's, without importing torch
+from pipeline.cli.app import DeviceOption, UsageError, check_pooling, console, user_errors
+from pipeline.model.numpy_forward import ATTENTIONS  # model.py's, without importing torch
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def train(
     device: DeviceOption = None,
 ):
     """Train the encoder (distillation, CoSENT, MNRL); resumes the run in --out if there is one."""
-    from .train import TrainConfig
-    from .train import train as run_training
+    from pipeline.train.loop import TrainConfig
+    from pipeline.train.loop import train as run_training
 
     check_pooling(pooling)
     if attention is not None and attention not in ATTENTIONS:
@@ -120,7 +120,7 @@ def evaluate(
     device: DeviceOption = None,
 ):
     """Spearman/Pearson vs score, accuracy/F1/ROC-AUC vs label, retrieval recall@k and MRR."""
-    from .evaluate import evaluate_models
+    from pipeline.analysis.evaluate import evaluate_models
 
     if not data.is_file():
         raise UsageError(f"cannot read {data}: no such file")

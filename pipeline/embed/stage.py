@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .children import start_python
-from .encoder import Encoder, compile_ahead
-from .layout import Planner, plan_passes
-from .shards import (
+from pipeline.children import start_python
+from pipeline.embed.encoder import Encoder, compile_ahead
+from pipeline.embed.layout import Planner, plan_passes
+from pipeline.parquet import (
     EMBEDDINGS_DIR,
     MANIFEST,
     TOKENS_DIR,
@@ -377,7 +377,7 @@ def start_tokenize_child(corpus, index_dir: Path, settings, force: bool):
     job = json.dumps({"corpus": str(corpus), "index_dir": str(index_dir),
                       "settings": asdict(settings), "force": force, "fd": write_fd,
                       "parent": os.getpid()})
-    child = start_python("import sys; from pipeline.tokenize_corpus import tokenize_child; "
+    child = start_python("import sys; from pipeline.text.stage import tokenize_child; "
                          "tokenize_child(sys.argv[1])", [job], pass_fds=[write_fd])
     os.close(write_fd)
     return Connection(read_fd, writable=False), child

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .encoder import pad_batch, pick_device, plan_batches
-from .evaluate import PairData, load_embedder, read_pairs, spearman
-from .model import (
+from pipeline.analysis.evaluate import PairData, load_embedder, read_pairs, spearman
+from pipeline.embed.encoder import pad_batch, pick_device, plan_batches
+from pipeline.model.gpt2 import (
     PRESETS,
     GPT2Config,
     GPT2Model,
@@ -59,7 +59,7 @@ from .model import (
     save_checkpoint,
     weights_sha256,
 )
-from .tokenizer import Tokenizer
+from pipeline.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -857,7 +857,7 @@ def merge_shards(src: str | Path, dst: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train.loop")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="copy a checkpoint as fp16 (optionally sharded)")
     exp.add_argument("src")

@@ -21,21 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fused
-from .layout import (  # noqa: F401 (the layout's names, for callers)
+from pipeline.embed.layout import (  # noqa: F401 (the layout's names, for callers)
     WINDOW,
     WINDOW_STEP,
     pack_windows,
     plan_layout,
     plan_passes,
 )
-from .model import PRESETS, GPT2Model, PackedLayout, load_pretrained, random_model
-from .tokenizer import Tokenizer
+from pipeline.model import fused
+from pipeline.model.gpt2 import PRESETS, GPT2Model, PackedLayout, load_pretrained, random_model
+from pipeline.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # The trained default model ships inside the package; until it exists, a seeded random preset.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 FALLBACK_MODEL = "random:gpt2-mini"
 
 

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from .children import die_with_parent, start_python
+from pipeline.children import die_with_parent, start_python
 
 
 def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -137,7 +137,7 @@ class Planner:
         to_child, self._requests = os.pipe()
         self._results, from_child = os.pipe()
         self.process = start_python(
-            "import sys; from pipeline.layout import planner_child; "
+            "import sys; from pipeline.embed.layout import planner_child; "
             "planner_child(*map(int, sys.argv[1:]))",
             [str(to_child), str(from_child), str(os.getpid())], pass_fds=[to_child, from_child])
         os.close(to_child)

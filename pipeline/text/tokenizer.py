@@ -11,7 +11,7 @@ offline machine, so the file is looked up in this order:
    ``~/.cache/pipeline/``,
 4. tiktoken's own download (works only with internet access).
 
-``python -m pipeline.tokenizer fetch`` fills the cache from the sdist of
+``python -m pipeline.text.tokenizer fetch`` fills the cache from the sdist of
 ``openai-whisper==20250625``, which ships the identical file, and checks its sha256.
 """
 
@@ -61,7 +61,7 @@ def cache_dirs() -> list[Path]:
     dirs = []
     if os.environ.get(ENV_CACHE):
         dirs.append(Path(os.environ[ENV_CACHE]))
-    dirs.append(Path(__file__).resolve().parent.parent / ".cache")
+    dirs.append(Path(__file__).resolve().parents[2] / ".cache")
     dirs.append(Path.home() / ".cache" / "pipeline")
     return dirs
 
@@ -109,7 +109,8 @@ def load_encoding(ranks_path: str | None = None) -> tiktoken.Encoding:
     except Exception as err:  # network errors come in many types
         raise TokenizerError(
             "GPT-2's BPE ranks file is missing and tiktoken could not download it "
-            f"({type(err).__name__}). Run `make setup` or `python -m pipeline.tokenizer fetch`, "
+            f"({type(err).__name__}). Run `make setup` or "
+            "`python -m pipeline.text.tokenizer fetch`, "
             f"or set {ENV_RANKS} to a copy of gpt2.tiktoken."
         ) from None
 
@@ -242,7 +243,7 @@ def fetch_ranks_file(out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenizer")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.text.tokenizer")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="fetch GPT-2's ranks file into the cache")
     fetch.add_argument("--out", type=Path, default=cache_dirs()[0] / RANKS_FILENAME)

@@ -256,7 +256,7 @@ def load_embedder(spec: str, device: str | None = None,
     if st_folder is not None:
         name = spec if spec.startswith("st:") else f"st:{st_folder}"
         return sentence_transformers_embedder(st_folder, device), name
-    from .encoder import Encoder
+    from pipeline.embed.encoder import Encoder
 
     enc = Encoder.load(spec, device)
 

@@ -22,9 +22,9 @@ from torch import nn
 
 # Defined beside the numpy query encoder, which must not import torch. Hugging Face GPT-2 keeps
 # the four CONV1D_SUFFIXES weights as Conv1D, the transpose of nn.Linear's.
-from .fused import add_layer_norm
-from .query_encoder import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, EncoderConfig  # noqa: F401
-from .tokenizer import sha256_file
+from pipeline.model.fused import add_layer_norm
+from pipeline.model.numpy_forward import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, EncoderConfig  # noqa: F401
+from pipeline.text.tokenizer import sha256_file
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .tokenizer import sha256_file
+from pipeline.text.tokenizer import sha256_file
 
 FORMAT_VERSION = 1
 

@@ -31,19 +31,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
-from .children import die_with_parent
-from .corpus import (
-    DEFAULT_ID_FIELD,
-    DEFAULT_TEXT_FIELD,
-    CorpusError,
-    Document,
-    ReadStats,
-    corpus_fingerprint,
-    iter_documents,
-    resolve_corpus,
-)
-from .shards import (
+from pipeline import __version__
+from pipeline.children import die_with_parent
+from pipeline.parquet import (
     EMBEDDINGS_DIR,
     FORMAT_VERSION,
     MANIFEST,
@@ -55,7 +45,17 @@ from .shards import (
     strings_to_arrow,
     write_manifest,
 )
-from .tokenizer import Tokenizer, find_ranks_file, window_spans
+from pipeline.text.corpus import (
+    DEFAULT_ID_FIELD,
+    DEFAULT_TEXT_FIELD,
+    CorpusError,
+    Document,
+    ReadStats,
+    corpus_fingerprint,
+    iter_documents,
+    resolve_corpus,
+)
+from pipeline.text.tokenizer import Tokenizer, find_ranks_file, window_spans
 
 log = logging.getLogger(__name__)
 

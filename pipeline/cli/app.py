@@ -16,9 +16,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from . import query
-from .query_encoder import POOLINGS
-from .tokenizer import TokenizerError
+from pipeline.analysis import metrics as query
+from pipeline.model.numpy_forward import POOLINGS
+from pipeline.text.tokenizer import TokenizerError
 
 # torch (via .encoder and .model) is imported by the commands that run the model, not here:
 # `pipeline search` embeds its query without it (query_encoder), and importing torch is ~1 s.
@@ -144,7 +144,7 @@ def embed(
     if sum(modes) != 1:
         raise UsageError("give exactly one of --sentence, --file or --index")
     if index is not None:
-        from .embed import run_embed
+        from pipeline.embed.stage import run_embed
 
         section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
                             batch_tokens=batch_tokens, overwrite=overwrite,
@@ -158,7 +158,7 @@ def embed(
                               f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
                               f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
         return
-    from .encoder import Encoder
+    from pipeline.embed.encoder import Encoder
 
     if sentence is not None:
         require_text(sentence, "--sentence")
@@ -177,7 +177,7 @@ def embed(
     enc = Encoder.load(model, device, pooling, precision)
     from tqdm import tqdm
 
-    from .shards import write_vectors_table
+    from pipeline.parquet import write_vectors_table
 
     with tqdm(total=len(rows), unit="text", desc="embed", file=sys.stderr, delay=1) as bar:
         vectors = enc.embed_token_lists(enc.tokenizer.encode_batch([t for _, t in rows]),
@@ -205,7 +205,7 @@ def similarity(
     check_pooling(pooling)
     require_text(sentence1, "--sentence1")
     require_text(sentence2, "--sentence2")
-    from .encoder import Encoder
+    from pipeline.embed.encoder import Encoder
 
     enc = Encoder.load(model, device, pooling)
     a, b = enc.embed_texts([sentence1, sentence2])
@@ -263,14 +263,14 @@ def tokenize(
     stage 2 at the same time)."""
     from tqdm import tqdm
 
-    from .tokenize_corpus import TokenizeSettings, run_tokenize
+    from pipeline.text.stage import TokenizeSettings, run_tokenize
 
     settings = TokenizeSettings(text_field, id_field, max_tokens, overlap, shard_rows)
     check_pooling(pooling)
     if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
         raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
     if embed:
-        from .embed import run_tokenize_and_embed
+        from pipeline.embed.stage import run_tokenize_and_embed
 
         result, section = run_tokenize_and_embed(
             corpus, index, settings, model=model, device=device, pooling=pooling, dtype=dtype,
@@ -309,7 +309,7 @@ def build_index(
     force: Annotated[bool, typer.Option(help="Rebuild even if the index is current.")] = False,
 ):
     """Stage 3: build a FAISS inner-product index over the embeddings, with measured recall."""
-    from .index import run_build_index
+    from pipeline.index.build import run_build_index
 
     if not 0 < target_recall <= 1:
         raise UsageError("--target-recall must be in (0, 1]")
@@ -333,7 +333,7 @@ def search(
         "or cuda:N: torch on that GPU.")] = None,
 ):
     """Stage 4: nearest documents to a query (or to each line of --queries)."""
-    from .search import search as run_search
+    from pipeline.search import search as run_search
 
     if (query_text is None) == (queries is None):
         raise UsageError("give a QUERY or --queries FILE")
@@ -349,7 +349,7 @@ def search(
     if out is not None:
         import pyarrow as pa
 
-        from .shards import atomic_write_table
+        from pipeline.parquet import atomic_write_table
 
         records = [{"query_id": q + 1, "query": texts[q], "rank": h.rank, "score": h.score,
                     "doc_id": h.doc_id, "chunk": h.chunk, "row": h.row, "text": h.text}
@@ -405,11 +405,11 @@ def similarity_matrix(
         sentences = [line for line in read_lines(file) if line.strip()]
         if len(sentences) < 2:
             raise UsageError(f"{file} needs at least two non-empty lines")
-        from .encoder import Encoder
+        from pipeline.embed.encoder import Encoder
 
         vectors = Encoder.load(model, device).embed_texts(sentences)
     else:
-        from .shards import load_vectors, read_rows
+        from pipeline.parquet import load_vectors, read_rows
 
         all_vectors = load_vectors(index)
         if sample < 2:
@@ -422,7 +422,7 @@ def similarity_matrix(
     matrix = query.similarity_matrix(vectors, metric)
     print_matrix(sentences, matrix, metric)
     if report is not None:
-        from .report import run_similarity_report
+        from pipeline.analysis.report import run_similarity_report
 
         run_similarity_report(sentences, matrix, report, f"{metric} similarity",
                               higher_is_similar=metric not in ("euclidean", "manhattan"))
@@ -453,7 +453,7 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Cluster an index's documents (spherical k-means) and write a report."""
-    from .cluster import run_cluster
+    from pipeline.analysis.cluster import run_cluster
 
     summary = run_cluster(index, k, report, seed, near_duplicate_threshold, sample,
                           console=err_console, projection=projection)
@@ -485,7 +485,7 @@ def print_matrix(sentences: list[str], matrix, metric: str) -> None:
 def write_matrix(out: Path, sentences: list[str], matrix) -> None:
     import pyarrow as pa
 
-    from .shards import atomic_write_table
+    from pipeline.parquet import atomic_write_table
 
     columns = {"sentence": sentences}
     columns.update({f"s{j + 1}": matrix[:, j].tolist() for j in range(len(sentences))})
@@ -501,19 +501,3 @@ def write_matrix(out: Path, sentences: list[str], matrix) -> None:
         for i, sentence in enumerate(sentences):
             writer.writerow([sentence, *[f"{v:.6f}" for v in matrix[i]]])
     tmp.replace(out)
-
-
-def _register_training_commands() -> None:
-    """train / evaluate live in cli_train.py beside the training code they drive."""
-    from .cli_train import register
-
-    register(app)
-
-
-if __name__ == "__main__":
-    # `python -m pipeline.cli`: run the package module's app, which cli_train extends.
-    from pipeline.cli import app as package_app
-
-    package_app()
-elif __name__ == "pipeline.cli":  # not as `__mp_main__` in a spawned child (tokenize --embed)
-    _register_training_commands()

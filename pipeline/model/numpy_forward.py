@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from pipeline.text.tokenizer import Tokenizer
 
 # Shared with model.py (which imports them from here), so the CLI validates options without
 # torch.
