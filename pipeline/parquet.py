@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import IndexFolderError
 from pipeline.text.tokenizer import sha256_file
 
 FORMAT_VERSION = 1
@@ -147,10 +148,6 @@ def read_table_metadata(path: str | Path) -> dict:
 MANIFEST = "manifest.json"
 TOKENS_DIR = "tokens"
 EMBEDDINGS_DIR = "embeddings"
-
-
-class IndexFolderError(ValueError):
-    """An index folder is missing a stage's output or holds mismatched ones."""
 
 
 def shard_name(number: int) -> str:

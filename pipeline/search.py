@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.errors import UsageError
 from pipeline.model.numpy_forward import NotSupported, QueryEncoder
 from pipeline.parquet import IndexFolderError, read_rows, require_embeddings
 
@@ -89,7 +90,7 @@ def search(index_dir: str | Path, queries: Sequence[str], k: int = 10,
 
     index_dir = Path(index_dir)
     if k < 1:
-        raise ValueError("-k must be at least 1")
+        raise UsageError("-k must be at least 1")
     encoder = load_search_encoder(index_dir, model, device, engine)
     index, _info = load_index(index_dir)
     if len(queries) < 16:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.analysis import cluster
+from pipeline.errors import UsageError
 from pipeline.parquet import vectors_to_arrow
 
 
@@ -125,7 +126,7 @@ def test_choose_k_and_candidates():
     assert ks[:9] == list(range(2, 11)) and ks[-1] == 100 and ks == sorted(set(ks))
     assert cluster.auto_k_candidates(40) == [2, 3, 4, 5, 6]
     assert cluster.parse_k("auto") is None and cluster.parse_k("12") == 12
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         cluster.parse_k("0")
 
 
@@ -339,7 +340,7 @@ def test_run_cluster_auto_k_without_report(topic_index, tmp_path):
 
 
 def test_run_cluster_rejects_bad_k(topic_index, tmp_path):
-    with pytest.raises(ValueError, match="more than"):
+    with pytest.raises(UsageError, match="more than"):
         cluster.run_cluster(topic_index[0], 10_000, tmp_path, 0, 0.95, 100, None)
-    with pytest.raises(ValueError, match="whole number"):
+    with pytest.raises(UsageError, match="whole number"):
         cluster.run_cluster(topic_index[0], "many", tmp_path, 0, 0.95, 100, None)

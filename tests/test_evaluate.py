@@ -21,6 +21,7 @@ from pipeline.analysis.evaluate import (
     spearman,
 )
 from pipeline.cli import app
+from pipeline.errors import InputFileError
 
 runner = CliRunner()
 
@@ -131,7 +132,7 @@ def test_read_pairs(tmp_path):
     no_score = read_pairs(write_pairs(tmp_path / "q.tsv", with_score=False))
     assert not no_score.has_scores
     (tmp_path / "bad.tsv").write_text("id\tsentence1\tlabel\nx\ty\t1\n")
-    with pytest.raises(ValueError, match="sentence2"):
+    with pytest.raises(InputFileError, match="sentence2"):
         read_pairs(tmp_path / "bad.tsv")
 
 

@@ -7,6 +7,7 @@ import pytest
 from helpers_index import random_unit_vectors, write_embedded_folder
 from rich.console import Console
 
+from pipeline.errors import IndexKeyError
 from pipeline.index import build as ix
 from pipeline.parquet import IndexFolderError, read_manifest
 
@@ -80,15 +81,15 @@ def test_pq_subquantizers_divide_dim(dim, m):
 
 
 @pytest.mark.parametrize("key", ["Bogus", "IVF,Flat", "", "  ", "IDMap,Flat", "IVF16,PQ7"])
-def test_bad_key_is_one_line_value_error(key):
-    with pytest.raises(ValueError) as err:
+def test_bad_key_is_a_one_line_error(key):
+    with pytest.raises(IndexKeyError) as err:
         ix.make_index(32, key)
     message = str(err.value)
     assert "\n" not in message and "index_factory" not in message
 
 
-def test_ivf_with_more_lists_than_vectors_is_a_value_error():
-    with pytest.raises(ValueError, match="IVF4096 needs at least 4096 vectors"):
+def test_ivf_with_more_lists_than_vectors_is_refused():
+    with pytest.raises(IndexKeyError, match="IVF4096 needs at least 4096 vectors"):
         ix.build_index(random_unit_vectors(1000, 16), "IVF4096,Flat")
 
 
@@ -327,7 +328,7 @@ def test_missing_pieces_are_index_folder_errors(tmp_path):
 
 def test_bad_key_fails_before_writing(tmp_path):
     write_embedded_folder(tmp_path, random_unit_vectors(500, 16, seed=16))
-    with pytest.raises(ValueError, match="invalid index key 'IVF,Flat'"):
+    with pytest.raises(IndexKeyError, match="invalid index key 'IVF,Flat'"):
         ix.run_build_index(tmp_path, index_key="IVF,Flat")
     assert not (tmp_path / "index.faiss").exists() and not (tmp_path / "index.json").exists()
     assert read_manifest(tmp_path)["embed"]  # the folder is untouched

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.embed.encoder import ModelSpecError, load_model, pad_batch
+from pipeline.errors import ChildFailed
 from pipeline.model.gpt2 import (
     ATTENTIONS,
     POOLINGS,
@@ -267,7 +268,7 @@ def test_planner_process_plans_like_this_process_and_reports_its_death():
         assert got[0]["window_tokens"] > 0 and got[-1]["window_tokens"] == 0  # full; last
         planner.process.kill()
         planner.process.wait()
-        with pytest.raises(ChildProcessError, match="planning process ended unexpectedly"):
+        with pytest.raises(ChildFailed, match="planning process ended unexpectedly"):
             planner.plan_passes(values, offsets, 65536, 128)
     finally:
         planner.close()
@@ -275,7 +276,7 @@ def test_planner_process_plans_like_this_process_and_reports_its_death():
     dead_at_start = Planner()  # one that dies before it is up
     dead_at_start.process.kill()
     dead_at_start.process.wait()
-    with pytest.raises(ChildProcessError, match="planning process ended unexpectedly"):
+    with pytest.raises(ChildFailed, match="planning process ended unexpectedly"):
         while not dead_at_start.started():
             pass
     dead_at_start.close()

@@ -6,6 +6,7 @@ from scipy.spatial import distance
 from scipy.stats import pearsonr
 
 from pipeline.analysis import metrics as query
+from pipeline.errors import UsageError
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_matrix_dot_and_normalised_identities(vectors):
 
 
 def test_unknown_metric(vectors):
-    with pytest.raises(ValueError, match="unknown metric"):
+    with pytest.raises(UsageError, match="unknown metric"):
         query.similarity_matrix(vectors, "hamming")
-    with pytest.raises(ValueError, match="unknown metric"):
+    with pytest.raises(UsageError, match="unknown metric"):
         query.similarity(vectors[0], vectors[1], "hamming")

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.analysis import report as rpt
+from pipeline.errors import MissingExtra, UsageError
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     TOKENS_DIR,
@@ -107,7 +108,7 @@ def train_spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = NI
                            nredo: int = NREDO) -> np.ndarray:
     """(k, dim) unit-length centroids of the unit-length rows of x (cosine k-means)."""
     if not 1 <= k <= len(x):
-        raise ValueError(f"k={k} needs between 1 and {len(x)} clusters (the rows there are)")
+        raise UsageError(f"k={k} needs between 1 and {len(x)} clusters (the rows there are)")
     options = {"niter": niter, "nredo": nredo, "seed": seed, "spherical": True,
                # only gates a warning printed from C++ for small inputs
                "min_points_per_centroid": 1}
@@ -226,7 +227,7 @@ def umap_2d(x: np.ndarray, seed: int) -> np.ndarray:
     try:
         import umap
     except ImportError:
-        raise ValueError("--projection umap needs umap-learn: pip install 'pipeline[umap]'"
+        raise MissingExtra("--projection umap needs umap-learn: pip install 'pipeline[umap]'"
                          ) from None
     # random_state makes it reproducible and single-threaded (n_jobs=1 says so, silencing
     # umap-learn's warning about it)
@@ -458,7 +459,7 @@ def near_duplicate_pairs(index_dir: Path, threshold: float,
                                     threshold)
                 total += len(pairs[0])
                 if total > limit:
-                    raise ValueError(f"more than {limit:,} pairs reach similarity {threshold}:"
+                    raise UsageError(f"more than {limit:,} pairs reach similarity {threshold}:"
                                      " raise --near-duplicate-threshold")
                 found.append(pairs)
                 bar.update(1)
@@ -471,10 +472,10 @@ def parse_k(k: int | str) -> int | None:
         if k.strip().lower() == "auto":
             return None
         if not k.strip().isdigit():
-            raise ValueError(f"-k must be a whole number or 'auto', not {k!r}")
+            raise UsageError(f"-k must be a whole number or 'auto', not {k!r}")
         k = int(k)
     if k < 1:
-        raise ValueError(f"-k must be at least 1, not {k}")
+        raise UsageError(f"-k must be at least 1, not {k}")
     return k
 
 
@@ -526,9 +527,9 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
     index_dir = Path(index_dir)
     wanted_k = parse_k(k)
     if sample < 1:
-        raise ValueError(f"--sample must be at least 1, not {sample}")
+        raise UsageError(f"--sample must be at least 1, not {sample}")
     if projection not in ("pca", "umap"):
-        raise ValueError(f"unknown projection {projection!r}: choose pca or umap")
+        raise UsageError(f"unknown projection {projection!r}: choose pca or umap")
     manifest = require_embeddings(index_dir)
     n = total_rows(manifest)
     out_dir = Path(report_dir) if report_dir is not None else index_dir / "clusters"
@@ -542,7 +543,7 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
         with timed("choose k", seconds):
             wanted_k, curve = select_k(sample_vectors, seed, console)
     if wanted_k > n:
-        raise ValueError(f"-k {wanted_k} is more than the {n} rows of {index_dir}")
+        raise UsageError(f"-k {wanted_k} is more than the {n} rows of {index_dir}")
     with timed("k-means", seconds):
         centroids = train_spherical_kmeans(sample_vectors, wanted_k, seed)
     with timed("assign", seconds):

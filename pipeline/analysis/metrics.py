@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import UsageError
+
 METRICS = ("cosine", "euclidean", "manhattan", "dot", "pearson")
 # How to read each number, shown next to it in the CLI.
 METRIC_HINTS = {
@@ -57,7 +59,7 @@ METRIC_FUNCTIONS = {"cosine": cosine, "euclidean": euclidean, "manhattan": manha
 
 def similarity(a: np.ndarray, b: np.ndarray, metric: str = "cosine") -> float:
     if metric not in METRIC_FUNCTIONS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     return METRIC_FUNCTIONS[metric](a, b)
 
 
@@ -88,4 +90,4 @@ def similarity_matrix(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray
         for i in range(0, len(x), block):
             out[i : i + block] = np.abs(x[i : i + block, None, :] - x[None, :, :]).sum(-1)
         return out
-    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import MissingExtra
+
 log = logging.getLogger(__name__)
 
 SNIPPET_CHARS = 240
-
-
-class MissingReportExtra(ValueError):
-    """matplotlib/scipy are absent. A ValueError so the CLI reports it as a one-line error."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +92,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingReportExtra(
+        raise MissingExtra(
             "reports need matplotlib: pip install 'pipeline[report]'") from None
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -234,7 +232,7 @@ def hierarchical_order(matrix: np.ndarray, higher_is_similar: bool = True) -> np
         from scipy.cluster.hierarchy import leaves_list, linkage
         from scipy.spatial.distance import squareform
     except ImportError:
-        raise MissingReportExtra(
+        raise MissingExtra(
             "the heatmap needs scipy: pip install 'pipeline[report]'") from None
     m = np.asarray(matrix, np.float64)
     d = np.nanmax(m) - m if higher_is_similar else m.copy()

@@ -28,6 +28,7 @@ from pipeline.embed.layout import (  # noqa: F401 (the layout's names, for calle
     plan_layout,
     plan_passes,
 )
+from pipeline.errors import ModelSpecError, UsageError
 from pipeline.model import fused
 from pipeline.model.gpt2 import PRESETS, GPT2Model, PackedLayout, load_pretrained, random_model
 from pipeline.text.tokenizer import Tokenizer
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 # The trained default model ships inside the package; until it exists, a seeded random preset.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 FALLBACK_MODEL = "random:gpt2-mini"
-
-
-class ModelSpecError(ValueError):
-    """--model names nothing we can load."""
 
 
 RANDOM_INIT = threading.Lock()
@@ -137,7 +134,7 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 on CUDA and on CPUs with bf16 units, else fp32 (cosine to fp32 >= 0.999)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32"

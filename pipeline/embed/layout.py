@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from pipeline.children import die_with_parent, start_python
+from pipeline.errors import ChildFailed
 
 
 def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -170,8 +171,8 @@ class Planner:
         except (EOFError, OSError):
             raise self._died() from None
 
-    def _died(self) -> ChildProcessError:
-        return ChildProcessError("the layout planning process ended unexpectedly "
+    def _died(self) -> ChildFailed:
+        return ChildFailed("the layout planning process ended unexpectedly "
                                  f"(exit code {self.process.poll()})")
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ import torch
 from pipeline.children import start_python
 from pipeline.embed.encoder import Encoder, compile_ahead
 from pipeline.embed.layout import Planner, plan_passes
+from pipeline.errors import ChildFailed, UsageError
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     MANIFEST,
@@ -312,7 +313,7 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
 
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     manifest = read_manifest(index_dir)
     shards = token_shards(manifest)
     if not shards:
@@ -426,7 +427,7 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
 
     index_dir = Path(index_dir)
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     if (index_dir / MANIFEST).is_file():
         model = resumed_model(read_manifest(index_dir), model)
     staging = index_dir / (EMBEDDINGS_DIR + ".tmp")
@@ -472,11 +473,11 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
         except (EOFError, OSError, pickle.UnpicklingError):
             pass  # the child died mid-message
         except Exception as err:  # a report that does not unpickle here
-            outcome["error"] = ChildProcessError(f"the tokenizing process failed: {err}")
+            outcome["error"] = ChildFailed(f"the tokenizing process failed: {err}")
             child.terminate()  # nobody reads the pipe any more
         finally:
             if not outcome and not stop.is_set():
-                outcome["error"] = ChildProcessError(
+                outcome["error"] = ChildFailed(
                     f"the tokenizing process ended unexpectedly (exit code {child.poll()})")
             if "error" in outcome:
                 stop.set()

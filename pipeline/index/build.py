@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from rich.markup import escape
 
+from pipeline.errors import IndexKeyError, UsageError
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     IndexFolderError,
@@ -147,15 +148,15 @@ def make_index(dim: int, key: str) -> faiss.Index:
     """An empty inner-product index from a FAISS factory string; ValueError (one line) if the
     string does not parse or makes an index that cannot serve as row-numbered IP search."""
     if not key or not key.strip():
-        raise ValueError("index key is empty; give a FAISS factory string such as 'HNSW32'")
+        raise IndexKeyError("index key is empty; give a FAISS factory string such as 'HNSW32'")
     try:
         index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise ValueError(f"invalid index key {key!r}: {_faiss_reason(err)}") from None
+        raise IndexKeyError(f"invalid index key {key!r}: {_faiss_reason(err)}") from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError(f"index key {key!r} does not support inner-product search")
+        raise IndexKeyError(f"index key {key!r} does not support inner-product search")
     if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
-        raise ValueError(f"index key {key!r}: IDMap is not needed, FAISS id i is corpus row i")
+        raise IndexKeyError(f"index key {key!r}: IDMap is not needed, FAISS id i is corpus row i")
     return index
 
 
@@ -361,7 +362,7 @@ def training_rows(index: faiss.Index, n: int) -> int:
     ivf = faiss.try_extract_index_ivf(index)
     nlist = ivf.nlist if ivf is not None else 0
     if nlist > n:
-        raise ValueError(f"IVF{nlist} needs at least {nlist} vectors to train, have {n}")
+        raise IndexKeyError(f"IVF{nlist} needs at least {nlist} vectors to train, have {n}")
     return min(n, max(TRAIN_POINTS_PER_LIST * nlist, MIN_TRAIN_ROWS))
 
 
@@ -396,7 +397,7 @@ def build_index(vectors: np.ndarray, key: str | None = None, target_recall: floa
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise ValueError(f"cannot train {key!r} on {train_rows:,} vectors: "
+            raise IndexKeyError(f"cannot train {key!r} on {train_rows:,} vectors: "
                              f"{_faiss_reason(err)}") from None
     seconds["train"] = round(time.perf_counter() - start, 3)
 
@@ -474,7 +475,7 @@ def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
     """
     index_dir = Path(index_dir)
     if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+        raise UsageError(f"target recall must be in (0, 1], got {target_recall}")
     manifest = require_embeddings(index_dir)
     source = _source(manifest)
     settings = {"index_key": index_key, "target_recall": target_recall}
@@ -587,10 +588,10 @@ def range_search(index: faiss.Index, queries: np.ndarray,
     if isinstance(target, faiss.IndexHNSW):
         storage = faiss.downcast_index(target.storage)
         if not isinstance(storage, faiss.IndexFlat):
-            raise ValueError("range search over HNSW needs float (Flat) storage")
+            raise IndexKeyError("range search over HNSW needs float (Flat) storage")
         target = storage
     try:
         return target.range_search(queries, threshold)
     except RuntimeError as err:
-        raise ValueError(f"range search is not supported by this index: "
+        raise IndexKeyError(f"range search is not supported by this index: "
                          f"{_faiss_reason(err)}") from None

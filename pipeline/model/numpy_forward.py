@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.text.tokenizer import Tokenizer
 
 # Shared with model.py (which imports them from here), so the CLI validates options without
@@ -34,7 +35,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
                    "mlp.c_proj.weight")
 
 
-class NotSupported(ValueError):
+class NotSupported(PipelineError):
     """A model this module does not load; the caller falls back to the torch encoder."""
 
 

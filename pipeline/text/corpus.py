@@ -21,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import CorpusError
+
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -30,10 +32,6 @@ DEFAULT_ID_FIELD = "id"
 SNIFF_BYTES = 1 << 16
 # csv refuses fields over 128 KB by default; long documents are legitimate here.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be read as asked; the message names the file and the fix."""
 
 
 @dataclass

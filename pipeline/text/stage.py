@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.children import die_with_parent
+from pipeline.errors import UsageError
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     FORMAT_VERSION,
@@ -77,11 +78,11 @@ class TokenizeSettings:
 
     def __post_init__(self):
         if self.max_tokens < 2:
-            raise ValueError("--max-tokens must be at least 2")
+            raise UsageError("--max-tokens must be at least 2")
         if not 0 <= self.overlap < self.max_tokens:
-            raise ValueError("--overlap must be at least 0 and below --max-tokens")
+            raise UsageError("--overlap must be at least 0 and below --max-tokens")
         if self.shard_rows < 1:
-            raise ValueError("--shard-rows must be at least 1")
+            raise UsageError("--shard-rows must be at least 1")
 
 
 def window_rows(token_lists: list[list[int]], max_tokens: int, overlap: int) -> dict:

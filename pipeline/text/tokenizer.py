@@ -34,6 +34,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from pipeline.errors import TokenizerError
+
 log = logging.getLogger(__name__)
 
 ENCODING_NAME = "r50k_base"
@@ -50,10 +52,6 @@ except ImportError:  # older tiktoken releases kept it inline
     R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENV_RANKS = "PIPELINE_GPT2_RANKS"
 ENV_CACHE = "PIPELINE_CACHE_DIR"
-
-
-class TokenizerError(RuntimeError):
-    """The ranks file is missing or corrupt; the message says how to get it."""
 
 
 def cache_dirs() -> list[Path]:

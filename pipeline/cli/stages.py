@@ -1,0 +1,189 @@
+"""`pipeline tokenize`, `embed` and `build-index`: the stages that make an index folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.app import (
+    DeviceOption,
+    IndexOption,
+    ModelOption,
+    PoolingOption,
+    UsageError,
+    app,
+    check_pooling,
+    err_console,
+    parse_devices,
+    read_lines,
+    require_text,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def embed(
+    sentence: Annotated[str | None, typer.Option(help="Embed one sentence; print JSON.")] = None,
+    file: Annotated[Path | None, typer.Option(help="Embed each line of a text file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Parquet output for --file.")] = None,
+    index: Annotated[Path | None, typer.Option(
+        help="Index folder: embed its token shards (the pipeline's embed stage).")] = None,
+    model: ModelOption = None,
+    pooling: PoolingOption = None,
+    device: DeviceOption = None,
+    dtype: Annotated[str, typer.Option(help="Stored vector type for --index: float32 or float16.")]
+    = "float32",
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per forward pass. Default: 65536 on a GPU, 16384 on a CPU.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="With --index: discard embeddings made with another model or dtype.")] = False,
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")]
+    = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="With --index: one worker per device, e.g. cuda:0,cuda:1, or 'all' GPUs.")]
+    = None,
+):
+    """Embed a sentence (JSON, as the seed), a file of lines (Parquet), or an index's shards."""
+    check_pooling(pooling)
+    modes = [x is not None for x in (sentence, file, index)]
+    if sum(modes) != 1:
+        raise UsageError("give exactly one of --sentence, --file or --index")
+    if index is not None:
+        from pipeline.embed.stage import run_embed
+
+        section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
+                            batch_tokens=batch_tokens, overwrite=overwrite,
+                            precision=precision, console=err_console,
+                            devices=parse_devices(devices))
+        stats = section["stats"]
+        if stats["rows"] == 0:
+            err_console.print(f"embeddings in {index} are current: skipped")
+        else:
+            err_console.print(f"embedded {stats['rows']:,} rows ({stats['tokens']:,} tokens) "
+                              f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
+                              f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
+        return
+    from pipeline.embed.encoder import Encoder
+
+    if sentence is not None:
+        require_text(sentence, "--sentence")
+        enc = Encoder.load(model, device, pooling, precision)
+        vector = enc.embed_texts([sentence])[0]
+        typer.echo(json.dumps({"sentence": sentence, "embedding": vector.tolist(),
+                               "dimensions": int(vector.shape[0]), "model": enc.spec,
+                               "pooling": enc.pooling}))
+        return
+    if out is None:
+        raise UsageError("--file needs --out vectors.parquet")
+    lines = read_lines(file)
+    rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise UsageError(f"{file} has no non-empty lines")
+    enc = Encoder.load(model, device, pooling, precision)
+    from tqdm import tqdm
+
+    from pipeline.parquet import write_vectors_table
+
+    with tqdm(total=len(rows), unit="text", desc="embed", file=sys.stderr, delay=1) as bar:
+        vectors = enc.embed_token_lists(enc.tokenizer.encode_batch([t for _, t in rows]),
+                                        batch_tokens, progress=bar)
+    write_vectors_table(out, [i for i, _ in rows], [t for _, t in rows], vectors,
+                        metadata=enc.identity())
+    err_console.print(f"wrote {len(rows)} vectors of {enc.dim} dims to {out}"
+                      + (f" (skipped {len(lines) - len(rows)} empty lines)"
+                         if len(lines) > len(rows) else ""))
+
+
+@app.command()
+@user_errors
+def tokenize(
+    corpus: Annotated[str, typer.Argument(
+        help="A file (.txt/.jsonl/.csv/.tsv/.parquet, optionally .gz/.zst), a folder or a glob.")],
+    index: IndexOption,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", "--text-column", help="JSONL field / CSV, TSV or Parquet column.")]
+    = "text",
+    id_field: Annotated[str, typer.Option(
+        "--id-field", "--id-column",
+        help="Field holding document ids; where absent, ids are FILE:LINE.")] = "id",
+    max_tokens: Annotated[int, typer.Option(
+        help="Longer documents are split into overlapping windows of this many tokens.")] = 256,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by consecutive windows.")] = 32,
+    shard_rows: Annotated[int, typer.Option(help="Rows per shard (bounds memory).")] = 50_000,
+    force: Annotated[bool, typer.Option(help="Re-tokenize even if the tokens are current.")]
+    = False,
+    embed: Annotated[bool, typer.Option(
+        "--embed", help="Also embed, each shard as soon as it is tokenized (stages overlap); "
+        "the options below are `embed`'s.")] = False,
+    model: ModelOption = None,
+    pooling: PoolingOption = None,
+    device: DeviceOption = None,
+    dtype: Annotated[str, typer.Option(help="With --embed: float32 or float16.")] = "float32",
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="With --embed: tokens per forward pass.")] = None,
+    precision: Annotated[str, typer.Option(help="With --embed: auto, fp32 or bf16.")] = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="With --embed: one thread per device, e.g. cuda:0,cuda:1, or 'all'.")] = None,
+):
+    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/ (--embed: and
+    stage 2 at the same time)."""
+    from tqdm import tqdm
+
+    from pipeline.text.stage import TokenizeSettings, run_tokenize
+
+    settings = TokenizeSettings(text_field, id_field, max_tokens, overlap, shard_rows)
+    check_pooling(pooling)
+    if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
+        raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
+    if embed:
+        from pipeline.embed.stage import run_tokenize_and_embed
+
+        result, section = run_tokenize_and_embed(
+            corpus, index, settings, model=model, device=device, pooling=pooling, dtype=dtype,
+            batch_tokens=batch_tokens, precision=precision, devices=parse_devices(devices),
+            force=force)
+    else:
+        # delay: a run that fails at once prints its one error line and no empty bar
+        with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
+            result = run_tokenize(corpus, index, settings, progress=bar, force=force)
+    stats = result["stats"]
+    if result.get("skipped"):
+        err_console.print(f"tokens in {index} are current ({stats['rows']} rows): skipped")
+    else:
+        err_console.print(
+            f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
+            f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} "
+            f"shards) at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, "
+            f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
+            f"{stats['split_documents']} long documents", highlight=False)
+    if embed:
+        e = section["stats"]
+        err_console.print(f"embedded {e['rows']:,} rows ({e['tokens']:,} tokens) in "
+                          f"{e['seconds']:.1f} s: {e['tokens_per_s']:,.0f} tokens/s",
+                          highlight=False)
+
+
+@app.command("build-index")
+@user_errors
+def build_index(
+    index: IndexOption,
+    index_key: Annotated[str | None, typer.Option(
+        help="A FAISS factory string (e.g. Flat, HNSW32, IVF1024,Flat). Default: by size.")]
+    = None,
+    target_recall: Annotated[float, typer.Option(
+        help="Tune nprobe/efSearch until recall@10 against exact search reaches this.")] = 0.95,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the index is current.")] = False,
+):
+    """Stage 3: build a FAISS inner-product index over the embeddings, with measured recall."""
+    from pipeline.index.build import run_build_index
+
+    if not 0 < target_recall <= 1:
+        raise UsageError("--target-recall must be in (0, 1]")
+    run_build_index(index, index_key=index_key, target_recall=target_recall, force=force,
+                    console=err_console)  # prints its own summary
