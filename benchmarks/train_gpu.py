@@ -26,14 +26,12 @@ import torch
 from benchmarks.train_pack import unpack_teacher
 from pipeline.analysis.evaluate import evaluate_embedder, read_pairs
 from pipeline.embed.encoder import Encoder
-from pipeline.train.loop import (
-    TrainConfig,
-    export_checkpoint,
-    read_texts,
-    teacher_targets,
-    train,
-    unique_texts,
-)
+from pipeline.train.checkpoints import RUN_RECORDS
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import read_texts, unique_texts
+from pipeline.train.export import export_checkpoint
+from pipeline.train.loop import train
+from pipeline.train.objectives import teacher_targets
 
 log = logging.getLogger("train_gpu")
 RUNS = Path("/tmp/runs")
@@ -131,9 +129,9 @@ class Session:
 
 
 def plan_explore(s: Session) -> None:
-    # The first training steps of a process run ~10x slower (CUDA kernels load lazily, one per
-    # new shape): a throw-away probe first, or the next one underestimates the speed (the
-    # first call measured 7 steps/s for gpt2-mini instead of 70).
+    # CUDA kernels load lazily, one per new tensor shape, so the first steps of a process are
+    # slow: a throw-away probe first, or the next probe underestimates the speed (see
+    # docs/training.md, call 1).
     steps_per_second(distill_config("warm-up"))
     # 220 s of distillation, less if the teacher took long: the export must come back.
     main = s.distill_then_cosent("mini-bi-mean", max(60, min(220, s.left() - 170)), {
@@ -148,7 +146,7 @@ def plan_explore(s: Session) -> None:
     })
     best = max((r for r in main if "+" in r["name"]), key=lambda r: r["dev_spearman"])
     export_checkpoint(best["out"], s.out / "default", "float16", shard_bytes=15_000_000)
-    for extra in ("train_log.jsonl", "summary.json", "train_config.json"):
+    for extra in RUN_RECORDS:
         (s.out / "default" / extra).unlink()  # in logs.tar.gz: at most 8 files come back
     s.results["exported"] = best["name"]
     s.save()

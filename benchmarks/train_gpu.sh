@@ -6,7 +6,7 @@
 #     bash benchmarks/train_gpu.sh model         # `make model` (the recipe) + gpt2-124M
 #     bash benchmarks/train_gpu.sh gpt2          # the same recipe on gpt2 (124M) alone
 # What comes back lies under $OUT: the model as fp16 shards in default/ (join them with
-# `python -m pipeline.train.loop merge`) and the logs in logs.tar.gz (at most 8 files return).
+# `pipeline merge-model`) and the logs in logs.tar.gz (at most 8 files return).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -28,7 +28,7 @@ model)
         | tee /tmp/logs/make_model.log || echo "make model failed" | tee -a /tmp/logs/make_model.log
     echo "make model done at $SECONDS s" | tee -a /tmp/logs/make_model.log
     if [ -f /tmp/default/model.safetensors ]; then
-        python3 -m pipeline.train.loop export /tmp/default "$OUT/default" --shard-mb 15
+        python3 -m pipeline.cli export-model /tmp/default "$OUT/default" --shard-mb 15
         rm -f "$OUT"/default/{train_log.jsonl,summary.json,train_config.json}
         cp /tmp/default/*.json* /tmp/logs/
     fi

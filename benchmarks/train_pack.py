@@ -3,8 +3,7 @@ carry), and unpack it on the device.
 
 - the teacher (all-MiniLM-L6-v2, 87 MB in fp32) as fp16, except its 30522 x 384 word-embedding
   table, stored as int8 with one fp32 scale per row (absmax): 34 MB. Unpacking restores an
-  fp32 sentence-transformers folder. Measured on STS-B test (CPU): 0.8203 original, see
-  docs/training.md for the packed copy.
+  fp32 sentence-transformers folder; docs/training.md compares it with the original.
 - the distillation sentences, xz-compressed (the trainer reads .xz directly).
 
     python benchmarks/train_pack.py pack [--teacher DIR] [--corpus FILE]   # here

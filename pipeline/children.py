@@ -14,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,6 +26,16 @@ def start_python(code: str, args: list[str], pass_fds: list[int]) -> subprocess.
         p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=pass_fds, env=env,
                             start_new_session=True)
+
+
+def start_function(function: Callable[..., None], args: list[str], pass_fds: list[int]
+                   ) -> subprocess.Popen:
+    """`function(*args)`, args as strings, in a fresh interpreter (`start_python`). The child
+    imports it by its module and name, so the parent's call cannot drift from the function's
+    definition (and `ps` shows the function's name)."""
+    module, name = function.__module__, function.__qualname__
+    return start_python(f"import sys; from {module} import {name}; {name}(*sys.argv[1:])",
+                        args, pass_fds)
 
 
 def die_with_parent(parent: int) -> None:

@@ -3,6 +3,15 @@ server answers them with a 4xx and a JSON message. Any other exception is a bug 
 traceback, so a `ValueError` deep in numpy is never mistaken for bad input."""
 
 
+# The distribution's name, for `pip install` hints (the import package is `pipeline`).
+DISTRIBUTION = "gpt2-semantic-pipeline"
+
+
+def pip_install(extra: str) -> str:
+    """The command that installs an optional extra (`extra`: report, umap, train, ...)."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
 class PipelineError(Exception):
     """Base of every user-facing error; its message says what is wrong and how to fix it."""
 

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import IndexFolderError
-from pipeline.text.tokenizer import sha256_file
 
 FORMAT_VERSION = 1
 
@@ -132,12 +131,6 @@ def write_vectors_table(path: str | Path, ids: Sequence, texts: Sequence[str],
     return atomic_write_table(table, path, vector_column="embedding")
 
 
-def read_table_metadata(path: str | Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(b"pipeline")
-    return json.loads(raw) if raw else {}
-
-
 # ---------------------------------------------------------------------------------------------
 # Index folders: indexes/NAME/{manifest.json, tokens/, embeddings/, index.faiss, index.json}
 #
@@ -152,10 +145,6 @@ EMBEDDINGS_DIR = "embeddings"
 
 def shard_name(number: int) -> str:
     return f"part-{number:05d}.parquet"
-
-
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(Path(path))
 
 
 def read_manifest(index_dir: str | Path) -> dict:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.folder import IndexFolder
 from pipeline.model.numpy_forward import NotSupported, QueryEncoder
-from pipeline.parquet import IndexFolderError, read_rows, require_embeddings
 
 if TYPE_CHECKING:
     from pipeline.embed.encoder import Encoder
@@ -51,17 +51,17 @@ def merge_chunk_hits(rows: Sequence[int], scores: Sequence[float], doc_ids: Sequ
     return merged
 
 
-def load_search_encoder(index_dir: Path, model: str | None, device: str | None,
+def load_search_encoder(folder: IndexFolder, model: str | None, device: str | None,
                         engine: str = "auto") -> Encoder | QueryEncoder:
     """The encoder the index was built with; refuses a model whose weights differ.
 
-    engine "auto": on the CPU (no --device, or cpu) the numpy forward of query_encoder, which
-    spares the ~1 s import of torch; torch's Encoder for another device and for models the
+    engine "auto": on the CPU (no --device, or cpu) the numpy forward of numpy_forward.py,
+    which spares the import of torch; torch's Encoder for another device and for models the
     numpy forward does not read (random presets, bf16 weights). "numpy" / "torch" force one.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
-    identity = require_embeddings(index_dir)["embed"]["identity"]
+    identity = folder.require_embeddings()["identity"]
     spec = model or identity["model"]
     encoder = None
     if engine == "numpy" or (engine == "auto" and device in (None, "cpu")):
@@ -74,45 +74,64 @@ def load_search_encoder(index_dir: Path, model: str | None, device: str | None,
         from pipeline.embed.encoder import Encoder
 
         encoder = Encoder.load(spec, device, identity["pooling"])
-    if encoder.sha256 != identity["model_sha256"]:
-        raise IndexFolderError(
-            f"{index_dir} was embedded with another model ({identity['model']}, sha256 "
-            f"{identity['model_sha256'][:12]}) than {encoder.spec} (sha256 "
-            f"{encoder.sha256[:12]}): search with the index's model or rebuild the index")
+    folder.check_identity({"model": encoder.spec, "model_sha256": encoder.sha256},
+                          "search with the index's model or rebuild the index")
     return encoder
+
+
+class Searcher:
+    """The model and the index of one index folder, loaded once: a command makes one, a
+    server holds one and answers many queries with it."""
+
+    def __init__(self, index_dir: str | Path, model: str | None = None,
+                 device: str | None = None, engine: str = "auto"):
+        from pipeline.index.store import load_index
+
+        self.folder = IndexFolder(index_dir)
+        self.encoder = load_search_encoder(self.folder, model, device, engine)
+        self.index, self.info = load_index(self.folder)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of `texts`, made as the index's own were."""
+        return self.encoder.embed_texts(list(texts)).astype(np.float32)
+
+    def search(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Top-k documents for each query."""
+        if k < 1:
+            raise UsageError("-k must be at least 1")
+        if len(queries) < 16:
+            import faiss
+
+            faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
+        merged = self.nearest_documents(self.embed(queries), k)
+        wanted = sorted({row for m in merged for row, _ in m})
+        records = dict(zip(wanted, self.folder.read_rows(wanted), strict=True))
+        return [[Hit(rank + 1, score, records[row]["doc_id"], records[row]["chunk"], row,
+                     records[row]["text"]) for rank, (row, score) in enumerate(m)]
+                for m in merged]
+
+    def nearest_documents(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """(row, score) of the best window of each of the k nearest documents, per query."""
+        n = self.index.ntotal
+        # Windows of one document may fill the first k slots: ask for more until k documents.
+        fetch = min(n, 4 * k)
+        while True:
+            scores, rows = self.index.search(vectors, fetch)
+            found = sorted({int(x) for x in rows.ravel() if x >= 0})
+            doc_of = {row: r["doc_id"] for row, r in
+                      zip(found, self.folder.read_rows(found, ("doc_id",)), strict=True)}
+            merged = [merge_chunk_hits(rows[q], scores[q],
+                                       [doc_of.get(int(x), "") for x in rows[q]], k)
+                      for q in range(len(vectors))]
+            if fetch >= n or all(len(m) == k for m in merged):
+                return merged
+            fetch = min(n, fetch * 4)
 
 
 def search(index_dir: str | Path, queries: Sequence[str], k: int = 10,
            model: str | None = None, device: str | None = None,
            engine: str = "auto") -> list[list[Hit]]:
     """Top-k documents for each query (engine: see load_search_encoder)."""
-    from pipeline.index.build import load_index
-
-    index_dir = Path(index_dir)
     if k < 1:
         raise UsageError("-k must be at least 1")
-    encoder = load_search_encoder(index_dir, model, device, engine)
-    index, _info = load_index(index_dir)
-    if len(queries) < 16:
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
-    vectors = encoder.embed_texts(list(queries)).astype(np.float32)
-    n = index.ntotal
-    # Windows of one document may fill the first k slots: ask for more until k documents.
-    fetch = min(n, 4 * k)
-    while True:
-        scores, rows = index.search(vectors, fetch)
-        found = sorted({int(x) for x in rows.ravel() if x >= 0})
-        doc_of = {row: r["doc_id"]
-                  for row, r in zip(found, read_rows(index_dir, found, ("doc_id",)), strict=True)}
-        merged = [merge_chunk_hits(rows[q], scores[q], [doc_of.get(int(x), "") for x in rows[q]],
-                                   k) for q in range(len(queries))]
-        if fetch >= n or all(len(m) == k for m in merged):
-            break
-        fetch = min(n, fetch * 4)
-    wanted = sorted({row for m in merged for row, _ in m})
-    records = dict(zip(wanted, read_rows(index_dir, wanted), strict=True))
-    return [[Hit(rank + 1, score, records[row]["doc_id"], records[row]["chunk"], row,
-                 records[row]["text"]) for rank, (row, score) in enumerate(m)]
-            for m in merged]
+    return Searcher(index_dir, model, device, engine).search(queries, k)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import parquet as shards
+from pipeline.hashing import file_sha256
 
 DEFAULT_IDENTITY = {"model": "random:test", "model_sha256": "0" * 64, "pooling": "mean",
                     "dim": None, "max_tokens": 128}
@@ -42,7 +43,7 @@ def write_embedded_folder(index_dir: str | Path, vectors: np.ndarray, shard_rows
         path = shards.atomic_write_table(table, index_dir / shards.EMBEDDINGS_DIR / name)
         token_records.append({"name": name, "first_row": lo, "rows": len(block),
                               "docs": len(block), "sha256": "x"})
-        embed_records[name] = {"rows": len(block), "sha256": shards.file_sha256(path)}
+        embed_records[name] = {"rows": len(block), "sha256": file_sha256(path)}
     manifest = {"format_version": shards.FORMAT_VERSION, "tokenize": {"shards": token_records},
                 "embed": {"identity": identity, "dtype": "float32", "shards": embed_records}}
     shards.write_manifest(index_dir, manifest)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.analysis import cluster
+from pipeline.analysis.metrics import unit_rows
 from pipeline.errors import UsageError
 from pipeline.parquet import vectors_to_arrow
 
@@ -23,10 +24,10 @@ def blobs(k: int, per: int, dim: int, noise: float, seed: int):
     """Unit vectors around k random unit centres (von Mises-Fisher-like: Gaussian noise of
     `noise` per coordinate, then normalised). Returns (vectors, true labels, centres)."""
     rng = np.random.default_rng(seed)
-    centres = cluster.normalize(rng.standard_normal((k, dim)))
+    centres = unit_rows(rng.standard_normal((k, dim)))
     labels = np.repeat(np.arange(k), per)
     rng.shuffle(labels)
-    x = cluster.normalize(centres[labels] + noise * rng.standard_normal((len(labels), dim)))
+    x = unit_rows(centres[labels] + noise * rng.standard_normal((len(labels), dim)))
     return x, labels, centres
 
 
@@ -106,7 +107,7 @@ def naive_silhouette(x: np.ndarray, labels: np.ndarray) -> float:
 
 def test_silhouette_matches_naive_definition():
     rng = np.random.default_rng(0)
-    x = cluster.normalize(rng.standard_normal((60, 8)))
+    x = unit_rows(rng.standard_normal((60, 8)))
     labels = rng.integers(0, 4, 60)
     labels[0] = 7  # a singleton scores 0
     got = cluster.silhouette_cosine(x, labels, block=16)
@@ -169,7 +170,7 @@ def with_duplicates(x: np.ndarray, copies: list[tuple[int, int]], seed: int = 0)
     rng = np.random.default_rng(seed)
     x = x.copy()
     for src, dst in copies:
-        x[dst] = cluster.normalize(x[src:src + 1] + 0.002 * rng.standard_normal(x.shape[1]))[0]
+        x[dst] = unit_rows(x[src:src + 1] + 0.002 * rng.standard_normal(x.shape[1]))[0]
     return x
 
 
@@ -205,7 +206,7 @@ def test_size_order_and_top_rows():
 
 
 def test_cluster_neighbours_and_pca():
-    centroids = cluster.normalize(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]]))
+    centroids = unit_rows(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]]))
     nb = cluster.cluster_neighbours(centroids, 2)
     assert [j for j, _ in nb[0]][0] == 1 and len(nb[3]) == 2
     x = np.random.default_rng(0).standard_normal((50, 6)) * [5, 2, 0.1, 0.1, 0.1, 0.1]

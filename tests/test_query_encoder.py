@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import ATTENTIONS, POOLINGS
 from pipeline.embed.encoder import DEFAULT_MODEL_DIR, Encoder, pad_batch
-from pipeline.model import numpy_forward as qe
 from pipeline.model.gpt2 import random_model, save_checkpoint, to_hf_state_dict
 from pipeline.model.numpy_forward import NotSupported, QueryEncoder
 from pipeline.search import search
@@ -42,7 +42,7 @@ def perturbed_model(seed=0, **overrides):
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no default model")
-@pytest.mark.parametrize("pooling", [None, *qe.POOLINGS])
+@pytest.mark.parametrize("pooling", [None, *POOLINGS])
 def test_default_model_equals_torch(pooling):
     ref = Encoder.load(str(DEFAULT_MODEL_DIR), device="cpu", pooling=pooling, precision="fp32")
     ours = QueryEncoder.load(str(DEFAULT_MODEL_DIR), pooling)
@@ -51,8 +51,8 @@ def test_default_model_equals_torch(pooling):
     np.testing.assert_allclose(ours.embed_texts(TEXTS), ref.embed_texts(TEXTS), atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", qe.ATTENTIONS)
-@pytest.mark.parametrize("pooling", qe.POOLINGS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("projection_dim", [0, 24])
 def test_random_checkpoints_equal_torch(tmp_path, attention, pooling, projection_dim):
     model = perturbed_model(seed=3, attention=attention, pooling=pooling,

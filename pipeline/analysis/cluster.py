@@ -1,15 +1,22 @@
-"""Spherical k-means over an index folder's vectors, and the cluster report.
+"""Spherical k-means over an index folder's documents (or rows), and the cluster report.
+
+What is clustered, a "unit", is a document by default: a long document is several rows (its
+overlapping windows, each with its own vector), and a document's vector is the mean of its
+rows' unit vectors, re-normalised. With `rows=True` (`cluster --rows`) each row is a unit.
 
 Memory stays bounded by streaming the embedding shards: k-means trains on a uniform random
-sample (`sample` rows), then every shard is assigned to its nearest centroid in turn; only
-per-row labels and similarities (a few bytes a row) are kept for the whole corpus. The
-near-duplicate search compares shards pairwise with FAISS range search, so it holds at most
-two shards at a time.
+sample (`sample` units), then every shard's units are assigned to their nearest centroid in
+turn; only per-unit labels and similarities (a few bytes each) are kept for the whole corpus.
+The near-duplicate search compares shards' units pairwise with FAISS range search, so it
+holds at most two shards at a time.
 
-Outputs (in the report folder, or `INDEX/clusters/` without one):
-    clusters.parquet  row, id (doc_id), chunk, cluster, similarity (cosine to its centroid)
+Outputs (in the report folder, or `INDEX/clusters/` without one), one entry per unit:
+    clusters.parquet  documents: id (doc_id), row (its first row), rows (how many), cluster,
+                      similarity (cosine to its centroid); rows: row, id, chunk, cluster,
+                      similarity
     centroids.npy     (k, dim) float32, unit length; row c is cluster c
-    clusters.json     settings, sizes, cohesion, the k curve, timings, the vectors' identity
+    clusters.json     settings, sizes, cohesion, representatives (positions in
+                      clusters.parquet), the k curve, timings, the vectors' identity
     report.html, report.md, *.png, near_duplicates.parquet   (with a report folder only)
 
 Clusters are numbered by size, largest first, so cluster 0 is the biggest in every output.
@@ -18,27 +25,30 @@ Clusters are numbered by size, largest first, so cluster 0 is the biggest in eve
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.analysis import report as rpt
+from pipeline.analysis.metrics import unit_rows
 from pipeline.errors import MissingExtra, UsageError
+from pipeline.folder import sample_rows
 from pipeline.parquet import (
-    EMBEDDINGS_DIR,
     TOKENS_DIR,
-    arrow_to_vectors,
     atomic_write_json,
     atomic_write_table,
     iter_vector_shards,
@@ -74,18 +84,95 @@ MAX_DUPLICATE_PAIRS = 2_000_000  # a threshold so low that it finds more is a mi
 # Pure functions: vectors and labels in, numbers out
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Float32 copy with unit-length rows (stored vectors may be float16, so not exactly 1)."""
-    x = np.array(x, dtype=np.float32, order="C")
-    faiss.normalize_L2(x)
-    return x
+@dataclass(frozen=True)
+class Units:
+    """What is clustered: unit u is rows bounds[u]:bounds[u + 1] of the index; one row each,
+    or one document's windows (consecutive rows with its doc_id, chunk 0, 1, ...)."""
+
+    name: str  # "documents" or "rows": the word every message and report uses for a unit
+    bounds: np.ndarray  # (units + 1,) int64, 0 .. the number of rows
+    documents: int  # documents in the index, whichever is clustered
+    doc_ids: pa.ChunkedArray  # per row
+    chunks: pa.ChunkedArray  # per row
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def rows(self) -> int:
+        return int(self.bounds[-1])
+
+    @property
+    def first_rows(self) -> np.ndarray:
+        return self.bounds[:-1]
+
+    @property
+    def pooled(self) -> bool:
+        return len(self) != self.rows
+
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """A per-unit array spread over the unit's rows."""
+        return np.repeat(values, np.diff(self.bounds))
+
+
+def document_bounds(doc_ids: pa.ChunkedArray, chunks: pa.ChunkedArray) -> np.ndarray:
+    """Row offsets of the documents, and the row count last. A document starts at chunk 0, or
+    where the doc_id changes (a folder whose ids repeat still splits at chunk 0)."""
+    n = len(chunks)
+    starts = chunks.to_numpy() == 0
+    if n:
+        starts[0] = True
+    if n > 1:
+        changed = pc.not_equal(doc_ids.slice(1), doc_ids.slice(0, n - 1))
+        starts[1:] |= pc.fill_null(changed, True).to_numpy()
+    return np.append(np.flatnonzero(starts), n).astype(np.int64)
+
+
+def make_units(doc_ids: pa.ChunkedArray | Sequence[str], chunks: pa.ChunkedArray | Sequence[int],
+               by_rows: bool = False) -> Units:
+    """The documents of an index (from its rows' doc_id and chunk), or with by_rows its rows."""
+    if not isinstance(doc_ids, pa.ChunkedArray):
+        doc_ids = pa.chunked_array([pa.array(doc_ids, pa.string())])
+    if not isinstance(chunks, pa.ChunkedArray):
+        chunks = pa.chunked_array([pa.array(chunks, pa.int32())])
+    documents = document_bounds(doc_ids, chunks)
+    if by_rows:
+        return Units("rows", np.arange(len(chunks) + 1, dtype=np.int64), len(documents) - 1,
+                     doc_ids, chunks)
+    return Units("documents", documents, len(documents) - 1, doc_ids, chunks)
+
+
+def pool_rows(vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Unit vectors of groups of rows: group g is rows offsets[g]:offsets[g + 1] of vectors,
+    its vector the mean of its rows' unit vectors, re-normalised (so a long document's windows
+    weigh alike, whatever their stored lengths)."""
+    if len(offsets) - 1 == len(vectors):  # one row each: nothing to pool
+        return unit_rows(vectors)
+    return unit_rows(np.add.reduceat(unit_rows(vectors), offsets[:-1], axis=0))
+
+
+def pool_blocks(shards: Iterable[tuple[int, np.ndarray]], bounds: np.ndarray
+                ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first unit, unit vectors) of the units that end in each (first_row, vectors) block of
+    consecutive rows. A unit cut by a block's end waits for the next block, so a document's
+    windows may span shards; a block that ends no unit yields nothing."""
+    carry_first, carry = 0, None
+    for first, vectors in shards:
+        if carry is not None and len(carry):
+            first, vectors = carry_first, np.concatenate([carry, vectors])
+        end = first + len(vectors)
+        lo = int(np.searchsorted(bounds, first))  # bounds[lo] == first
+        hi = int(np.searchsorted(bounds, end, side="right")) - 1  # units lo..hi-1 end by `end`
+        done = int(bounds[hi]) - first
+        if hi > lo:
+            yield lo, pool_rows(vectors[:done], bounds[lo:hi + 1] - first)
+        carry_first, carry = int(bounds[hi]), vectors[done:]
 
 
 @contextmanager
 def _threads_for(multiply_adds: float):
-    """Run small faiss calls on one thread. OpenMP's start-up and spin-waiting cost more than
-    a small problem takes, and on a busy machine far more: selecting k for 480 points took
-    10 s with 2 threads and 0.05 s with one while another process held the CPUs."""
+    """Run small faiss calls on one thread: OpenMP's start-up and spin-waiting cost more than
+    a small problem takes, and far more on a busy machine (docs/performance.md, Analysis)."""
     if multiply_adds >= 1e7:
         yield
         return
@@ -108,7 +195,7 @@ def train_spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = NI
                            nredo: int = NREDO) -> np.ndarray:
     """(k, dim) unit-length centroids of the unit-length rows of x (cosine k-means)."""
     if not 1 <= k <= len(x):
-        raise UsageError(f"k={k} needs between 1 and {len(x)} clusters (the rows there are)")
+        raise UsageError(f"k={k} needs between 1 and {len(x)} clusters (one per vector at most)")
     options = {"niter": niter, "nredo": nredo, "seed": seed, "spherical": True,
                # only gates a warning printed from C++ for small inputs
                "min_points_per_centroid": 1}
@@ -117,7 +204,7 @@ def train_spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = NI
     km = faiss.Kmeans(x.shape[1], k, gpu=faiss.get_num_gpus() > 0, **options)
     with _threads_for(x.size * k):
         km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return normalize(km.centroids)
+    return unit_rows(km.centroids)
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -383,30 +470,36 @@ def _progress(total: int, desc: str, unit: str = "row"):
                 leave=False, disable=None)
 
 
-def read_sample(index_dir: Path, n_total: int, size: int,
+def unit_blocks(index_dir: Path, units: Units | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first unit, unit vectors) per embedding shard, in order; units None: the rows."""
+    shards = iter_vector_shards(index_dir)
+    if units is None or not units.pooled:
+        return ((first, unit_rows(vectors)) for first, vectors in shards)
+    return pool_blocks(shards, units.bounds)
+
+
+def read_sample(index_dir: Path, units: Units, size: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted global rows, unit-length vectors) of a uniform random sample, shard by shard."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n_total, size=min(size, n_total), replace=False))
+    """(sorted units, unit-length vectors) of a uniform random sample, shard by shard."""
+    picked = sample_rows(len(units), size, seed)
     parts = []
-    with _progress(n_total, "sample") as bar:
-        for first, vectors in iter_vector_shards(index_dir):
-            lo, hi = np.searchsorted(rows, [first, first + len(vectors)])
-            parts.append(normalize(vectors[rows[lo:hi] - first]))
+    with _progress(len(units), "sample", unit=units.name[:-1]) as bar:
+        for first, vectors in unit_blocks(index_dir, units):
+            lo, hi = np.searchsorted(picked, [first, first + len(vectors)])
+            parts.append(vectors[picked[lo:hi] - first])
             bar.update(len(vectors))
-    return rows, np.concatenate(parts)
+    return picked, np.concatenate(parts)
 
 
-def assign_shards(index_dir: Path, centroids: np.ndarray,
-                  n_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid and its similarity for every row, one shard at a time."""
-    labels = np.empty(n_total, np.int32)
-    sims = np.empty(n_total, np.float32)
-    with _progress(n_total, "assign") as bar:
-        for first, vectors in iter_vector_shards(index_dir):
+def assign_shards(index_dir: Path, units: Units,
+                  centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid and its similarity for every unit, one shard at a time."""
+    labels = np.empty(len(units), np.int32)
+    sims = np.empty(len(units), np.float32)
+    with _progress(len(units), "assign", unit=units.name[:-1]) as bar:
+        for first, vectors in unit_blocks(index_dir, units):
             end = first + len(vectors)
-            labels[first:end], sims[first:end] = nearest_centroid(normalize(vectors),
-                                                                  centroids)
+            labels[first:end], sims[first:end] = nearest_centroid(vectors, centroids)
             bar.update(len(vectors))
     return labels, sims
 
@@ -436,27 +529,23 @@ def read_ids(index_dir: Path) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     return table["doc_id"], table["chunk"]
 
 
-def near_duplicate_pairs(index_dir: Path, threshold: float,
+def near_duplicate_pairs(index_dir: Path, threshold: float, units: Units | None = None,
                          limit: int = MAX_DUPLICATE_PAIRS):
-    """All pairs of rows with cosine >= threshold: every shard against itself and each later
-    shard, so at most two shards are in memory. Raises if more than `limit` pairs turn up."""
+    """All pairs of units (rows when units is None) with cosine >= threshold: every shard's
+    units against themselves and each later shard's, so at most two shards are in memory.
+    Raises if more than `limit` pairs turn up."""
     manifest = require_embeddings(index_dir)
     shards = token_shards(manifest)
-
-    def load(shard: dict) -> np.ndarray:
-        table = pq.read_table(index_dir / EMBEDDINGS_DIR / shard["name"], columns=["embedding"])
-        return normalize(arrow_to_vectors(table["embedding"]))
-
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     total = 0
     n_blocks = len(shards) * (len(shards) + 1) // 2
     with _progress(n_blocks, "near-duplicates", unit="block") as bar:
-        for a, shard_a in enumerate(shards):
-            query = load(shard_a)
-            for shard_b in shards[a:]:
-                base = query if shard_b is shard_a else load(shard_b)
-                pairs = range_pairs(query, shard_a["first_row"], base, shard_b["first_row"],
-                                    threshold)
+        for a, (first_a, query) in enumerate(unit_blocks(index_dir, units)):
+            # The later blocks are streamed again rather than held: pooling a document needs
+            # the shards before it, and the range searches cost far more than the rereads.
+            later = itertools.islice(unit_blocks(index_dir, units), a + 1, None)
+            for first_b, base in itertools.chain([(first_a, query)], later):
+                pairs = range_pairs(query, first_a, base, first_b, threshold)
                 total += len(pairs[0])
                 if total > limit:
                     raise UsageError(f"more than {limit:,} pairs reach similarity {threshold}:"
@@ -479,7 +568,8 @@ def parse_k(k: int | str) -> int | None:
     return k
 
 
-def select_k(sample: np.ndarray, seed: int, console=None) -> tuple[int, list[tuple[int, float]]]:
+def select_k(sample: np.ndarray, seed: int, console=None,
+             unit: str = "vectors") -> tuple[int, list[tuple[int, float]]]:
     """Try each candidate k on (part of) the sample; keep the best mean silhouette.
 
     One k-means run per k (no restarts): the curve is read for its shape, and ~20 runs with
@@ -494,21 +584,28 @@ def select_k(sample: np.ndarray, seed: int, console=None) -> tuple[int, list[tup
         centroids = train_spherical_kmeans(train, k, seed, nredo=1)
         labels, _ = nearest_centroid(scored, centroids)
         curve.append((k, silhouette_cosine(scored, labels)))
+    if all(math.isnan(s) for _, s in curve):
+        raise UsageError(f"-k auto: the sampled {unit} do not fall into two or more clusters "
+                         "(are they all alike?): give -k")
     chosen = choose_k(curve)
     if console is not None:
-        from rich.table import Table
-
-        table = Table(title=f"Choosing k: silhouette on {len(scored):,} sampled rows")
-        table.add_column("k", justify="right")
-        table.add_column("silhouette", justify="right")
-        table.add_column("")
-        best = max(s for _, s in curve)
-        for k, s in curve:
-            bar = "█" * max(0, round(30 * s / best)) if best > 0 else ""
-            style = "bold green" if k == chosen else None
-            table.add_row(str(k), f"{s:.4f}", bar, style=style)
-        console.print(table)
+        _print_k_curve(console, curve, chosen, f"{len(scored):,} sampled {unit}")
     return chosen, curve
+
+
+def _print_k_curve(console, curve: list[tuple[int, float]], chosen: int, scored: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Choosing k: silhouette on {scored}")
+    table.add_column("k", justify="right")
+    table.add_column("silhouette", justify="right")
+    table.add_column("")
+    best = max((s for _, s in curve if not math.isnan(s)), default=0.0)
+    for k, s in curve:
+        bar = "█" * max(0, round(30 * s / best)) if best > 0 and not math.isnan(s) else ""
+        style = "bold green" if k == chosen else None
+        table.add_row(str(k), f"{s:.4f}", bar, style=style)
+    console.print(table)
 
 
 def _iter_progress(items: list, desc: str):
@@ -518,75 +615,87 @@ def _iter_progress(items: list, desc: str):
             bar.update(1)
 
 
-def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: int,
-                near_duplicate_threshold: float, sample: int, console=None,
-                projection: str = "pca") -> dict:
-    """Cluster an index folder's vectors; write the cluster files and (with report_dir) the
-    report. `near_duplicate_threshold` <= 0 skips the near-duplicate search. Returns a summary.
-    """
-    index_dir = Path(index_dir)
+# ---------------------------------------------------------------------------------------------
+# A whole run: options -> units -> sample -> k-means -> files -> report
+
+
+@dataclass
+class Clustering:
+    """Per unit its cluster and the cosine to that cluster's centroid; clusters by size."""
+
+    centroids: np.ndarray  # (k, dim) unit length; row c is cluster c
+    labels: np.ndarray  # (units,) int32
+    sims: np.ndarray  # (units,) float32
+    curve: list[tuple[int, float]] | None  # (k, silhouette) when k was chosen
+
+    @property
+    def k(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.k)
+
+    @property
+    def cohesion(self) -> np.ndarray:
+        """Mean similarity of each cluster's members to its centroid; NaN when empty."""
+        sizes = self.sizes
+        out = np.bincount(self.labels, weights=self.sims, minlength=self.k) / np.maximum(sizes, 1)
+        out[sizes == 0] = np.nan
+        return out
+
+    def representatives(self) -> list[np.ndarray]:
+        return top_rows_per_cluster(self.labels, self.sims, self.k, REPRESENTATIVES)
+
+
+def check_options(k: int | str, sample: int, projection: str) -> int | None:
+    """The wanted k (None: auto), after refusing options that cannot work."""
     wanted_k = parse_k(k)
     if sample < 1:
         raise UsageError(f"--sample must be at least 1, not {sample}")
     if projection not in ("pca", "umap"):
         raise UsageError(f"unknown projection {projection!r}: choose pca or umap")
+    return wanted_k
+
+
+def check_k(k: int, units: Units, sampled: int, index_dir: Path) -> None:
+    if k > len(units):
+        raise UsageError(f"-k {k} is more than the {len(units):,} {units.name} of {index_dir}")
+    if k > sampled:
+        raise UsageError(f"-k {k} is more than the {sampled:,} sampled {units.name}: raise "
+                         "--sample")
+
+
+def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: int,
+                near_duplicate_threshold: float, sample: int, console=None,
+                projection: str = "pca", by_rows: bool = False) -> dict:
+    """Cluster an index folder's documents (with by_rows: its rows); write the cluster files
+    and (with report_dir) the report. `near_duplicate_threshold` <= 0 skips the
+    near-duplicate search. Returns a summary."""
+    index_dir = Path(index_dir)
+    wanted_k = check_options(k, sample, projection)
+    if report_dir is not None:
+        rpt.require_report_extra()  # before the clustering, not after it
     manifest = require_embeddings(index_dir)
     n = total_rows(manifest)
     out_dir = Path(report_dir) if report_dir is not None else index_dir / "clusters"
     seconds: dict[str, float] = {}
 
     with timed("sample", seconds):
-        sample_rows, sample_vectors = read_sample(index_dir, n, sample, seed)
-    dim = sample_vectors.shape[1]
-    curve = None
-    if wanted_k is None:
-        with timed("choose k", seconds):
-            wanted_k, curve = select_k(sample_vectors, seed, console)
-    if wanted_k > n:
-        raise UsageError(f"-k {wanted_k} is more than the {n} rows of {index_dir}")
-    with timed("k-means", seconds):
-        centroids = train_spherical_kmeans(sample_vectors, wanted_k, seed)
-    with timed("assign", seconds):
-        labels, sims = assign_shards(index_dir, centroids, n)
-        new_id = size_order(labels, wanted_k)
-        labels = new_id[labels]
-        centroids = centroids[np.argsort(new_id)]
-
-    sizes = np.bincount(labels, minlength=wanted_k)
-    cohesion = np.bincount(labels, weights=sims, minlength=wanted_k) / np.maximum(sizes, 1)
-    cohesion[sizes == 0] = np.nan
-    representatives = top_rows_per_cluster(labels, sims, wanted_k, REPRESENTATIVES)
-    doc_ids, chunks = read_ids(index_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "clusters": atomic_write_table(pa.table({
-            "row": pa.array(np.arange(n, dtype=np.int64)), "id": doc_ids, "chunk": chunks,
-            "cluster": pa.array(labels), "similarity": pa.array(sims)}),
-            out_dir / CLUSTERS_FILE),
-        "centroids": out_dir / CENTROIDS_FILE,
-    }
-    np.save(files["centroids"], centroids.astype(np.float32))
-
-    summary = {
-        "index": str(index_dir), "n": n, "dim": dim, "k": wanted_k, "seed": seed,
-        "sample": len(sample_rows), "niter": NITER, "gpu": faiss.get_num_gpus() > 0,
-        "k_curve": curve, "sizes": sizes.tolist(),
-        "cohesion": [None if math.isnan(c) else round(float(c), 5) for c in cohesion],
-        "representatives": [r.tolist() for r in representatives],
-        "vectors": manifest.get("embed", {}).get("identity", {}),
-    }
+        units = make_units(*read_ids(index_dir), by_rows=by_rows)
+        sample_units, sample_vectors = read_sample(index_dir, units, sample, seed)
+    result = fit_clusters(index_dir, units, sample_vectors, wanted_k, seed, console, seconds)
+    files = write_cluster_files(out_dir, cluster_table(units, result), result.centroids)
+    summary = make_summary(index_dir, units, result, seed, len(sample_units),
+                           manifest.get("embed", {}).get("identity", {}))
+    summary["rows"] = n
     if report_dir is not None:
-        report, duplicates = build_report(index_dir, labels, sims, centroids, cohesion,
-                                          representatives, sample_rows, sample_vectors, curve,
-                                          near_duplicate_threshold, seed, projection, seconds)
-        if duplicates is not None:
-            files["near_duplicates"] = atomic_write_table(duplicates, out_dir / DUPLICATES_FILE)
+        report, written = write_report(index_dir, out_dir, units, result, sample_units,
+                                       sample_vectors, near_duplicate_threshold, seed,
+                                       projection, seconds)
         summary["near_duplicate_pairs"] = report.duplicate_pairs
         summary["near_duplicate_groups"] = report.duplicate_groups_total
-        with timed("render", seconds):
-            report.facts.update({f"time: {stage}": f"{s:.1f} s"
-                                 for stage, s in seconds.items()})
-            files.update(rpt.write_cluster_report(report, out_dir))
+        files.update(written)
     summary["seconds"] = seconds
     files["summary"] = atomic_write_json(summary, out_dir / SUMMARY_FILE)
     summary["files"] = {name: str(path) for name, path in files.items()}
@@ -595,77 +704,197 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
     return summary
 
 
-def build_report(index_dir: Path, labels: np.ndarray, sims: np.ndarray, centroids: np.ndarray,
-                 cohesion: np.ndarray, representatives: list[np.ndarray],
-                 sample_rows: np.ndarray, sample_vectors: np.ndarray,
-                 curve: list | None, threshold: float, seed: int, projection: str,
-                 seconds: dict[str, float]) -> tuple[rpt.ClusterReport, pa.Table | None]:
-    """Everything the report shows, plus the near-duplicate table (None when not searched)."""
-    k, n = len(centroids), len(labels)
-    sizes = np.bincount(labels, minlength=k)
-    with timed("words", seconds):
-        top_words = class_tfidf(count_words(index_dir, labels, k))
-    wanted = np.concatenate(representatives).tolist()
+def fit_clusters(index_dir: Path, units: Units, sample_vectors: np.ndarray, k: int | None,
+                 seed: int, console, seconds: dict[str, float]) -> Clustering:
+    """k (chosen when None), k-means on the sample, every unit assigned; clusters by size."""
+    curve = None
+    if k is None:
+        with timed("choose k", seconds):
+            k, curve = select_k(sample_vectors, seed, console, units.name)
+    check_k(k, units, len(sample_vectors), index_dir)
+    with timed("k-means", seconds):
+        centroids = train_spherical_kmeans(sample_vectors, k, seed)
+    with timed("assign", seconds):
+        labels, sims = assign_shards(index_dir, units, centroids)
+    new_id = size_order(labels, k)
+    return Clustering(centroids[np.argsort(new_id)], new_id[labels], sims, curve)
 
-    groups: list[np.ndarray] = []
-    pair_count, duplicates_table = 0, None
+
+def cluster_table(units: Units, result: Clustering) -> pa.Table:
+    """clusters.parquet: one entry per unit, in row order."""
+    first = units.first_rows
+    if units.pooled:
+        key = {"id": units.doc_ids.take(pa.array(first)), "row": pa.array(first),
+               "rows": pa.array(np.diff(units.bounds).astype(np.int32))}
+    else:
+        key = {"row": pa.array(first), "id": units.doc_ids, "chunk": units.chunks}
+    return pa.table({**key, "cluster": pa.array(result.labels),
+                     "similarity": pa.array(result.sims)})
+
+
+def write_cluster_files(out_dir: Path, table: pa.Table, centroids: np.ndarray) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"clusters": atomic_write_table(table, out_dir / CLUSTERS_FILE),
+             "centroids": out_dir / CENTROIDS_FILE}
+    np.save(files["centroids"], centroids.astype(np.float32))
+    return files
+
+
+def make_summary(index_dir: Path, units: Units, result: Clustering, seed: int, sampled: int,
+                 identity: dict) -> dict:
+    """clusters.json, less the timings and files: n counts what was clustered."""
+    return {
+        "index": str(index_dir), "clustered": units.name, "n": len(units),
+        "documents": units.documents, "rows": units.rows, "dim": result.centroids.shape[1],
+        "k": result.k, "seed": seed, "sample": sampled, "niter": NITER,
+        "gpu": faiss.get_num_gpus() > 0, "k_curve": result.curve,
+        "sizes": result.sizes.tolist(),
+        "cohesion": [None if math.isnan(c) else round(float(c), 5) for c in result.cohesion],
+        "representatives": [r.tolist() for r in result.representatives()],
+        "vectors": identity,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Duplicates:
+    """Near-duplicate units: the pairs found, joined into groups (largest first)."""
+
+    threshold: float
+    pairs: int
+    groups: list[np.ndarray]
+    lowest: np.ndarray  # per group, the lowest similarity of the pairs that joined it
+    highest: np.ndarray
+    closest: dict[int, float]  # per unit in a group, the similarity of its closest duplicate
+
+
+def write_report(index_dir: Path, out_dir: Path, units: Units, result: Clustering,
+                 sample_units: np.ndarray, sample_vectors: np.ndarray, threshold: float,
+                 seed: int, projection: str, seconds: dict[str, float]
+                 ) -> tuple[rpt.ClusterReport, dict[str, Path]]:
+    """The report's files, and near_duplicates.parquet when searched."""
+    duplicates = None
     if threshold > 0:
         with timed("near-duplicates", seconds):
-            i, j, pair_sims = near_duplicate_pairs(index_dir, threshold)
-            groups = group_pairs(i, j)
-            lo, hi, closest = group_similarities(groups, i, j, pair_sims)
-        pair_count = len(i)
-        wanted += [int(r) for g in groups[:DUPLICATE_GROUPS_SHOWN] for r in g[:REPRESENTATIVES]]
-        duplicates_table = pa.table({
-            "group": pa.array(np.repeat(np.arange(len(groups)), [len(g) for g in groups]),
-                              pa.int32()),
-            "row": pa.array(np.concatenate(groups) if groups else [], pa.int64())})
-    records = dict(zip(wanted, read_rows(index_dir, wanted), strict=True))
+            duplicates = find_duplicates(index_dir, units, threshold)
+    report = build_report(index_dir, units, result, sample_units, sample_vectors, duplicates,
+                          seed, projection, seconds)
+    files = {}
+    if duplicates is not None:
+        files["near_duplicates"] = atomic_write_table(duplicates_table(units, duplicates),
+                                                      out_dir / DUPLICATES_FILE)
+    with timed("render", seconds):
+        report.facts.update({f"time: {stage}": f"{s:.1f} s" for stage, s in seconds.items()})
+        files.update(rpt.write_cluster_report(report, out_dir))
+    return report, files
 
-    def document(row: int, similarity: float) -> rpt.Document:
-        r = records[int(row)]
-        return rpt.Document(int(row), str(r["doc_id"]), r["text"] or "", float(similarity),
-                            int(r["chunk"] or 0))
 
-    neighbours = cluster_neighbours(centroids, NEIGHBOURS)
+def find_duplicates(index_dir: Path, units: Units, threshold: float) -> Duplicates:
+    i, j, sims = near_duplicate_pairs(index_dir, threshold, units)
+    groups = group_pairs(i, j)
+    lowest, highest, closest = group_similarities(groups, i, j, sims)
+    return Duplicates(threshold, len(i), groups, lowest, highest, closest)
+
+
+def duplicates_table(units: Units, duplicates: Duplicates) -> pa.Table:
+    """near_duplicates.parquet: group, then the member (documents: id and first row)."""
+    groups = duplicates.groups
+    members = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    columns = {"group": pa.array(np.repeat(np.arange(len(groups)), [len(g) for g in groups]),
+                                 pa.int32())}
+    if units.pooled:
+        columns["id"] = units.doc_ids.take(pa.array(units.first_rows[members]))
+    columns["row"] = pa.array(units.first_rows[members], pa.int64())
+    return pa.table(columns)
+
+
+def build_report(index_dir: Path, units: Units, result: Clustering, sample_units: np.ndarray,
+                 sample_vectors: np.ndarray, duplicates: Duplicates | None, seed: int,
+                 projection: str, seconds: dict[str, float]) -> rpt.ClusterReport:
+    """Everything the report shows."""
+    with timed("words", seconds):
+        top_words = class_tfidf(count_words(index_dir, units.per_row(result.labels), result.k))
+    representatives = result.representatives()
+    shown = duplicates.groups[:DUPLICATE_GROUPS_SHOWN] if duplicates else []
+    wanted_units = np.concatenate(representatives).tolist()
+    wanted_units += [int(u) for g in shown for u in g[:REPRESENTATIVES]]
+    documents = read_documents(index_dir, units, wanted_units)
+    neighbours = cluster_neighbours(result.centroids, NEIGHBOURS)
+    cohesion = result.cohesion
     sections = [rpt.ClusterSection(
-        c, int(sizes[c]), float(cohesion[c]), top_words[c],
-        [document(r, sims[r]) for r in representatives[c]], neighbours[c]) for c in range(k)]
-    duplicate_groups = [
-        rpt.DuplicateGroup(len(rows), [document(r, closest[int(r)])
-                                       for r in rows[:REPRESENTATIVES]],
-                           float(lo[g]), float(hi[g]))
-        for g, rows in enumerate(groups[:DUPLICATE_GROUPS_SHOWN])]
-
+        c, int(result.sizes[c]), float(cohesion[c]), top_words[c],
+        [documents(u, result.sims[u]) for u in representatives[c]], neighbours[c])
+        for c in range(result.k)]
+    groups = [rpt.DuplicateGroup(len(g), [documents(u, duplicates.closest[int(u)])
+                                          for u in g[:REPRESENTATIVES]],
+                                 float(duplicates.lowest[n]), float(duplicates.highest[n]))
+              for n, g in enumerate(shown)]
     with timed("plots", seconds):
-        rng = np.random.default_rng(seed + 2)
-        on_map = np.sort(rng.permutation(len(sample_rows))[:MAP_ROWS])
-        points = sample_vectors[on_map]
-        xy = pca_2d(points) if projection == "pca" else umap_2d(points, seed)
-        images = {"map": rpt.plot_map(xy, labels[sample_rows[on_map]], k, projection.upper()),
-                  "sizes": rpt.plot_sizes(sizes)}
-        if curve:
-            images = {"k_curve": rpt.plot_k_curve(curve, k), **images}
+        images, mapped = draw_plots(result, sample_units, sample_vectors, seed, projection,
+                                    units.name)
+    facts = report_facts(index_dir, units, result, len(sample_units), mapped, seed, projection)
+    return rpt.ClusterReport(
+        title=f"Clusters of {index_dir.name}", n=len(units), dim=result.centroids.shape[1],
+        clusters=sections, duplicate_threshold=duplicates.threshold if duplicates else None,
+        duplicate_pairs=duplicates.pairs if duplicates else 0, duplicate_groups=groups,
+        duplicate_groups_total=len(duplicates.groups) if duplicates else 0,
+        k_curve=result.curve, facts=facts, images=images, unit=units.name)
 
-    facts = {"index": str(index_dir), "rows": f"{n:,}", "k": str(k),
-             "k chosen by": "silhouette over a grid" if curve else "-k",
-             "trained on": f"{len(sample_rows):,} sampled rows, seed {seed}",
-             "map": f"{projection.upper()} of {len(on_map):,} sampled rows",
-             "FAISS": f"{faiss.__version__}, {faiss.get_num_gpus()} GPU(s)"}
-    report = rpt.ClusterReport(
-        title=f"Clusters of {index_dir.name}", n=n, dim=centroids.shape[1], clusters=sections,
-        duplicate_threshold=threshold if threshold > 0 else None, duplicate_pairs=pair_count,
-        duplicate_groups=duplicate_groups, duplicate_groups_total=len(groups), k_curve=curve,
-        facts=facts, images=images)
-    return report, duplicates_table
+
+def read_documents(index_dir: Path, units: Units, wanted_units: list[int]):
+    """A function (unit, similarity) -> rpt.Document for the wanted units, whose texts are
+    read here: a document shows its first window's text and its doc_id alone."""
+    wanted = units.first_rows[wanted_units].tolist()
+    records = dict(zip(wanted_units, read_rows(index_dir, wanted), strict=True))
+
+    def document(unit: int, similarity: float) -> rpt.Document:
+        r = records[int(unit)]
+        chunk = 0 if units.pooled else int(r["chunk"] or 0)
+        return rpt.Document(int(units.first_rows[unit]), str(r["doc_id"]), r["text"] or "",
+                            float(similarity), chunk)
+
+    return document
+
+
+def draw_plots(result: Clustering, sample_units: np.ndarray, sample_vectors: np.ndarray,
+               seed: int, projection: str, unit: str) -> tuple[dict[str, bytes], int]:
+    """The report's PNGs (k curve when k was chosen, 2-D map of sampled units, sizes), and how
+    many units the map shows."""
+    rng = np.random.default_rng(seed + 2)
+    on_map = np.sort(rng.permutation(len(sample_units))[:MAP_ROWS])
+    points = sample_vectors[on_map]
+    xy = pca_2d(points) if projection == "pca" else umap_2d(points, seed)
+    images = {"map": rpt.plot_map(xy, result.labels[sample_units[on_map]], result.k,
+                                  projection.upper(), unit=unit),
+              "sizes": rpt.plot_sizes(result.sizes, unit=unit)}
+    if result.curve:
+        images = {"k_curve": rpt.plot_k_curve(result.curve, result.k), **images}
+    return images, len(on_map)
+
+
+def report_facts(index_dir: Path, units: Units, result: Clustering, sampled: int, mapped: int,
+                 seed: int, projection: str) -> dict[str, str]:
+    pooled = " (each the mean of its rows' vectors)" if units.pooled else ""
+    return {"index": str(index_dir), "clustered": units.name + pooled,
+            "documents": f"{units.documents:,}", "rows": f"{units.rows:,}",
+            "k": str(result.k),
+            "k chosen by": "silhouette over a grid" if result.curve else "-k",
+            "trained on": f"{sampled:,} sampled {units.name}, seed {seed}",
+            "map": f"{projection.upper()} of {mapped:,} sampled {units.name}",
+            "FAISS": f"{faiss.__version__}, {faiss.get_num_gpus()} GPU(s)"}
 
 
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     sizes, cohesion = summary["sizes"], summary["cohesion"]
-    table = Table(title=f"{summary['k']} clusters of {summary['n']:,} rows "
-                        f"(largest {min(10, len(sizes))} shown)")
+    other = "rows" if summary["clustered"] == "documents" else "documents"
+    table = Table(title=f"{summary['k']} clusters of {summary['n']:,} {summary['clustered']} "
+                        f"({summary[other]:,} {other}; largest {min(10, len(sizes))} shown)")
     table.add_column("cluster", justify="right")
     table.add_column("size", justify="right")
     table.add_column("cohesion", justify="right")
@@ -676,4 +905,5 @@ def _print_summary(console, summary: dict) -> None:
     timings = ", ".join(f"{stage} {s:.1f}s" for stage, s in summary["seconds"].items())
     console.print(f"timings: {timings}")
     for name, path in summary["files"].items():
-        console.print(f"wrote {name}: {path}", highlight=False)
+        # Text: a path may hold [brackets] that a console with markup would swallow.
+        console.print(Text(f"wrote {name}: {path}"), highlight=False)

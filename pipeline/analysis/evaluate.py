@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.analysis.metrics import cosine_rows, pearson, unit_rows
 from pipeline.errors import InputFileError, MissingExtra, ModelSpecError
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,17 @@ def read_pairs(path: str | Path) -> PairData:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"cannot read {path}: no such file")
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise InputFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        rows = list(reader)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
+            if missing:
+                raise InputFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise InputFileError(f"{path} is not UTF-8 text") from None
+    except csv.Error as err:
+        raise InputFileError(f"{path}: not a readable TSV ({err})") from None
     if not rows:
         raise InputFileError(f"{path} has no rows")
     try:
@@ -78,7 +84,7 @@ def read_pairs(path: str | Path) -> PairData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (pure)
+# Metrics (pure). pearson, cosine_rows and unit_rows are metrics.py's, shared with the CLI.
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -93,13 +99,6 @@ def rankdata(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(x))
     ranks[order] = np.repeat(avg, ends - starts)
     return ranks
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x = np.asarray(x, np.float64) - np.mean(x)
-    y = np.asarray(y, np.float64) - np.mean(y)
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom else 0.0
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -168,19 +167,6 @@ def retrieval_metrics(queries: np.ndarray, docs: np.ndarray,
     return out
 
 
-def unit_rows(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float64)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(na * nb, 1e-12)
-
-
 def pair_metrics(v1: np.ndarray, v2: np.ndarray, data: PairData,
                  thresholds: dict[str, float]) -> dict[str, float]:
     """Every metric for one model on one file, from the two sentences' vectors.
@@ -241,7 +227,7 @@ def sentence_transformers_embedder(folder: Path, device: str | None = None,
                          "(pip install -e '.[train]')") from None
     model = SentenceTransformer(str(folder), device=device)
     if model.device.type == "cuda":
-        model = model.half()  # the teacher only encodes; fp16 halves its time
+        model = model.half()  # inference only, where fp16 is precise enough for cosines and faster
     batch_size = batch_size or (1024 if model.device.type == "cuda" else 64)
 
     def embed(texts: Sequence[str]) -> np.ndarray:

@@ -29,6 +29,31 @@ METRIC_LABELS = {
 }
 
 
+# Distances grow as vectors part; the other metrics shrink.
+DISTANCES = ("euclidean", "manhattan")
+
+
+def higher_is_similar(metric: str) -> bool:
+    return metric not in DISTANCES
+
+
+def unit_rows(x: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """A C-contiguous copy of x with each row scaled to length 1 (zero rows stay zero).
+
+    Stored vectors are float16 or rounded, so "unit" vectors read back are not exactly 1 long;
+    the pooled vectors of documents are not unit length at all.
+    """
+    x = np.array(x, dtype=dtype, order="C")
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    x /= np.maximum(norms, np.finfo(x.dtype).tiny)
+    return x
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of a with the same row of b (0 where either is zero)."""
+    return (unit_rows(a, np.float64) * unit_rows(b, np.float64)).sum(-1)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     denom = np.linalg.norm(a) * np.linalg.norm(b)
@@ -48,6 +73,8 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equally long arrays: of two vectors' components here, of
+    two models' scores in evaluate.py. 0 (not NaN) when either is constant."""
     a = np.asarray(a, np.float64) - np.mean(a)
     b = np.asarray(b, np.float64) - np.mean(b)
     return cosine(a, b)
@@ -75,8 +102,7 @@ def similarity_matrix(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray
     if metric in ("cosine", "pearson"):
         if metric == "pearson":
             x = x - x.mean(axis=1, keepdims=True)
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.where(norms == 0, 1, norms)
+        x = unit_rows(x, np.float64)
         return x @ x.T
     if metric == "euclidean":
         sq = (x * x).sum(1)

@@ -2,7 +2,7 @@
 
 Shared by the cluster report (`pipeline cluster --report DIR`) and the similarity-matrix
 heatmap (`pipeline similarity-matrix --report out.html`). This module only draws and writes:
-the numbers come in as plain dataclasses built by cluster.py (or a matrix from query.py).
+the numbers come in as plain dataclasses built by cluster.py (or a matrix from metrics.py).
 
 HTML pages embed their images as base64 PNG and carry their CSS inline, so one file can be
 mailed or opened from disk with no network; the Markdown report links PNG files beside it.
@@ -37,7 +37,7 @@ SNIPPET_CHARS = 240
 
 @dataclass
 class Document:
-    row: int
+    row: int  # a document's first row when documents are clustered
     doc_id: str
     text: str
     similarity: float  # to the cluster centroid, or (near-duplicates) to its closest duplicate
@@ -56,7 +56,7 @@ class ClusterSection:
 
 @dataclass
 class DuplicateGroup:
-    size: int  # rows in the group; `documents` may show only the first few
+    size: int  # members of the group; `documents` may show only the first few
     documents: list[Document]
     min_similarity: float  # over the pairs that joined the group
     max_similarity: float
@@ -65,7 +65,7 @@ class DuplicateGroup:
 @dataclass
 class ClusterReport:
     title: str
-    n: int
+    n: int  # what was clustered: documents, or rows (windows) with `cluster --rows`
     dim: int
     clusters: list[ClusterSection]
     duplicate_threshold: float | None = None  # None: the near-duplicate search did not run
@@ -75,26 +75,48 @@ class ClusterReport:
     k_curve: list[tuple[int, float]] | None = None  # (k, silhouette) when k was chosen
     facts: dict[str, str] = field(default_factory=dict)  # settings and timings, shown as-is
     images: dict[str, bytes] = field(default_factory=dict)  # name -> PNG bytes
+    unit: str = "documents"  # the word for what n counts: "documents" or "rows"
 
 
-IMAGE_CAPTIONS = {
-    "k_curve": "Choosing k: mean silhouette (cosine) of a sample, higher is better",
-    "map": "2-D map of a sample of documents, coloured by cluster",
-    "sizes": "Cluster sizes",
-}
+def image_caption(name: str, unit: str = "documents") -> str:
+    return {"k_curve": "Choosing k: mean silhouette (cosine) of a sample, higher is better",
+            "map": f"2-D map of a sample of {unit}, coloured by cluster",
+            "sizes": "Cluster sizes"}[name]
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots: each returns PNG bytes. matplotlib's object API (Figure + Agg) keeps no global state.
 
 
-def _figure(width: float, height: float):
+def require_report_extra(heatmap: bool = False) -> None:
+    """Raise MissingExtra now, before hours of work, if the plots (and for the heatmap, its
+    ordering) cannot be drawn."""
+    _figure_class()
+    if heatmap:
+        _scipy_linkage()
+
+
+def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise MissingExtra(
             "reports need matplotlib: pip install 'pipeline[report]'") from None
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure
+
+
+def _scipy_linkage():
+    try:
+        from scipy.cluster.hierarchy import leaves_list, linkage
+        from scipy.spatial.distance import squareform
+    except ImportError:
+        raise MissingExtra(
+            "the heatmap needs scipy: pip install 'pipeline[report]'") from None
+    return leaves_list, linkage, squareform
+
+
+def _figure(width: float, height: float):
+    return _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def figure_png(fig) -> bytes:
@@ -119,7 +141,7 @@ def cluster_colours(k: int) -> np.ndarray:
 
 
 def plot_map(xy: np.ndarray, labels: np.ndarray, k: int, method: str = "PCA",
-             annotate: int = 30) -> bytes:
+             annotate: int = 30, unit: str = "documents") -> bytes:
     """Scatter of 2-D points coloured by cluster, the largest clusters' ids at their middles."""
     fig = _figure(9, 7)
     ax = fig.add_subplot()
@@ -136,17 +158,17 @@ def plot_map(xy: np.ndarray, labels: np.ndarray, k: int, method: str = "PCA",
                               "lw": 0})
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")
-    ax.set_title(f"{len(xy):,} documents, {k} clusters")
+    ax.set_title(f"{len(xy):,} {unit}, {k} clusters")
     return figure_png(fig)
 
 
-def plot_sizes(sizes: np.ndarray) -> bytes:
+def plot_sizes(sizes: np.ndarray, unit: str = "documents") -> bytes:
     k = len(sizes)
     fig = _figure(min(14, 4 + 0.18 * k), 3.5)
     ax = fig.add_subplot()
     ax.bar(np.arange(k), sizes, color=cluster_colours(k), width=0.85)
     ax.set_xlabel("cluster")
-    ax.set_ylabel("documents")
+    ax.set_ylabel(unit)
     if k <= 60:
         ax.set_xticks(np.arange(k))
         ax.tick_params(axis="x", labelsize=7)
@@ -228,12 +250,7 @@ def hierarchical_order(matrix: np.ndarray, higher_is_similar: bool = True) -> np
     n = len(matrix)
     if n < 3:
         return np.arange(n)
-    try:
-        from scipy.cluster.hierarchy import leaves_list, linkage
-        from scipy.spatial.distance import squareform
-    except ImportError:
-        raise MissingExtra(
-            "the heatmap needs scipy: pip install 'pipeline[report]'") from None
+    leaves_list, linkage, squareform = _scipy_linkage()
     m = np.asarray(matrix, np.float64)
     d = np.nanmax(m) - m if higher_is_similar else m.copy()
     d = np.nan_to_num(np.clip((d + d.T) / 2, 0, None))
@@ -309,8 +326,8 @@ def write_cluster_report(report: ClusterReport, out_dir: Path) -> dict[str, Path
 def render_cluster_html(report: ClusterReport) -> str:
     k = len(report.clusters)
     parts = [f"<h1>{_e(report.title)}</h1>",
-             f"<p class=muted>{report.n:,} documents &middot; {report.dim} dimensions &middot; "
-             f"{k} clusters (spherical k-means)</p>",
+             f"<p class=muted>{report.n:,} {report.unit} &middot; {report.dim} dimensions "
+             f"&middot; {k} clusters (spherical k-means)</p>",
              _facts_html(report.facts),
              "<nav>Jump to: <a href='#overview'>overview</a> &middot; "
              "<a href='#clusters'>clusters</a> &middot; <a href='#duplicates'>near-duplicates"
@@ -318,13 +335,14 @@ def render_cluster_html(report: ClusterReport) -> str:
              "<h2 id=overview>Overview</h2>"]
     for name in ("k_curve", "map", "sizes"):
         if name in report.images:
-            parts.append(f"<figure>{_img(report.images[name], IMAGE_CAPTIONS[name])}"
-                         f"<figcaption>{_e(IMAGE_CAPTIONS[name])}</figcaption></figure>")
+            caption = image_caption(name, report.unit)
+            parts.append(f"<figure>{_img(report.images[name], caption)}"
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
     if report.k_curve:
         parts.append(_k_curve_html(report.k_curve, k))
     parts.append("<h2 id=clusters>Clusters</h2>")
     parts.append(_cluster_table_html(report.clusters))
-    parts.extend(_cluster_html(c) for c in report.clusters)
+    parts.extend(_cluster_html(c, report.unit) for c in report.clusters)
     parts.append("<h2 id=duplicates>Near-duplicates</h2>")
     parts.append(_duplicates_html(report))
     return _page(report.title, "\n".join(parts))
@@ -355,7 +373,7 @@ def _cluster_table_html(clusters: list[ClusterSection]) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def _cluster_html(c: ClusterSection) -> str:
+def _cluster_html(c: ClusterSection, unit: str) -> str:
     top = max((s for _, s in c.top_words), default=1.0) or 1.0
     words = " ".join(f"<span class=word style='opacity:{0.45 + 0.55 * s / top:.2f}' "
                      f"title='c-TF-IDF {s:.4f}'>{_e(w)}</span>" for w, s in c.top_words)
@@ -365,7 +383,7 @@ def _cluster_html(c: ClusterSection) -> str:
                    for d in c.representatives)
     return f"""<section id=c{c.cluster} class=cluster>
 <h3>Cluster {c.cluster}</h3>
-<p class=muted>{c.size:,} documents &middot; cohesion {_num(c.cohesion)}
+<p class=muted>{c.size:,} {unit} &middot; cohesion {_num(c.cohesion)}
  &middot; nearest clusters: {neighbours or '&mdash;'}</p>
 <p>{words or '<span class=muted>no words</span>'}</p>
 <ol class=docs>{docs}</ol>
@@ -383,15 +401,16 @@ def _duplicates_html(report: ClusterReport) -> str:
         docs = "".join(f"<li><span class=sim>{d.similarity:.3f}</span> <b>"
                        f"{_e(_doc_name(d))}</b> {_e(_shorten(d.text, 160))}</li>"
                        for d in g.documents)
-        groups.append(f"<div class=group><p class=muted>group {number}: {_count(g)}, "
+        groups.append(f"<div class=group><p class=muted>group {number}: "
+                      f"{_count(g, report.unit)}, "
                       f"similarity {g.min_similarity:.3f}&ndash;{g.max_similarity:.3f}"
                       f"</p><ul>{docs}</ul></div>")
     return head + "".join(groups)
 
 
-def _count(g: DuplicateGroup) -> str:
+def _count(g: DuplicateGroup, unit: str) -> str:
     shown = f" ({len(g.documents)} shown)" if len(g.documents) < g.size else ""
-    return f"{g.size} documents{shown}"
+    return f"{g.size} {unit}{shown}"
 
 
 def _shown(report: ClusterReport) -> str:
@@ -402,7 +421,7 @@ def _shown(report: ClusterReport) -> str:
 def render_cluster_markdown(report: ClusterReport) -> str:
     k = len(report.clusters)
     out = [f"# {_md(report.title)}", "",
-           f"{report.n:,} documents · {report.dim} dimensions · {k} clusters "
+           f"{report.n:,} {report.unit} · {report.dim} dimensions · {k} clusters "
            "(spherical k-means)", ""]
     if report.facts:
         out += ["| setting | value |", "|---|---|"]
@@ -411,7 +430,7 @@ def render_cluster_markdown(report: ClusterReport) -> str:
     out += ["## Overview", ""]
     for name in ("k_curve", "map", "sizes"):
         if name in report.images:
-            out += [f"![{IMAGE_CAPTIONS[name]}]({name}.png)", ""]
+            out += [f"![{image_caption(name, report.unit)}]({name}.png)", ""]
     if report.k_curve:
         out += ["| k | silhouette |", "|---:|---:|"]
         out += [f"| {'**' + str(kk) + '**' if kk == k else kk} | {s:.4f} |"
@@ -425,7 +444,7 @@ def render_cluster_markdown(report: ClusterReport) -> str:
     for c in report.clusters:
         neighbours = ", ".join(f"{j} ({s:.2f})" for j, s in c.neighbours) or "—"
         out += [f"### Cluster {c.cluster}", "",
-                f"{c.size:,} documents · cohesion {_num(c.cohesion)} · "
+                f"{c.size:,} {report.unit} · cohesion {_num(c.cohesion)} · "
                 f"nearest clusters: {neighbours}", "",
                 "Distinctive words: " + (_md(", ".join(w for w, _ in c.top_words)) or "—"), ""]
         out += [f"{i}. `{d.similarity:.3f}` **{_md(_doc_name(d))}** "
@@ -440,7 +459,8 @@ def render_cluster_markdown(report: ClusterReport) -> str:
                 f"{report.duplicate_threshold:g}, joined into "
                 f"{report.duplicate_groups_total:,} groups{_shown(report)}.", ""]
         for number, g in enumerate(report.duplicate_groups, 1):
-            out += [f"**Group {number}**: {_count(g)}, similarity {g.min_similarity:.3f}–"
+            out += [f"**Group {number}**: {_count(g, report.unit)}, similarity "
+                    f"{g.min_similarity:.3f}–"
                     f"{g.max_similarity:.3f}", ""]
             out += [f"- `{d.similarity:.3f}` **{_md(_doc_name(d))}** "
                     f"{_md(_shorten(d.text, 160))}" for d in g.documents]

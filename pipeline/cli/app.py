@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from pipeline.config import POOLINGS
 from pipeline.errors import PipelineError, UsageError
-from pipeline.model.numpy_forward import POOLINGS
 
 # torch (via pipeline.embed and pipeline.model.gpt2) is imported by the commands that run the
 # model, not here: `pipeline search` embeds its query without it (numpy_forward).

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.text import Text
 
 from pipeline.analysis import metrics as query
 from pipeline.cli.app import (
@@ -76,65 +78,121 @@ def similarity_matrix(
     model: ModelOption = None,
     device: DeviceOption = None,
 ):
-    """All-pairs similarity of sentences, printed colour-scaled and optionally saved."""
-    import numpy as np
+    """All-pairs similarity of sentences, printed colour-scaled and optionally saved.
 
-    if metric not in query.METRICS:
-        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(query.METRICS)}")
-    if (file is None) == (index is None):
-        raise UsageError("give a FILE of sentences or --index")
-    if out is not None and out.suffix not in (".csv", ".parquet"):
-        raise UsageError("--out must end in .csv or .parquet")
+    The sentences are printed as a numbered legend, then the matrix by number alone, in as
+    many blocks of columns as the terminal's width needs: every score is printed in full.
+    """
+    check_matrix_options(file, index, metric, out)
+    if report is not None:
+        from pipeline.analysis.report import require_report_extra
+
+        require_report_extra(heatmap=True)  # before the model is loaded, not after
     if file is not None:
-        sentences = [line for line in read_lines(file) if line.strip()]
-        if len(sentences) < 2:
-            raise UsageError(f"{file} needs at least two non-empty lines")
-        from pipeline.embed.encoder import Encoder
-
-        vectors = Encoder.load(model, device).embed_texts(sentences)
+        sentences, vectors = file_sentences(file, model, device)
     else:
-        from pipeline.parquet import load_vectors, read_rows
-
-        all_vectors = load_vectors(index)
-        if sample < 2:
-            raise UsageError("--sample must be at least 2")
-        rng = np.random.default_rng(seed)
-        rows = sorted(rng.choice(len(all_vectors), min(sample, len(all_vectors)),
-                                 replace=False).tolist())
-        sentences = [r["text"] for r in read_rows(index, rows, ("text",))]
-        vectors = all_vectors[rows]
+        sentences, vectors = index_sentences(index, sample, seed)
     matrix = query.similarity_matrix(vectors, metric)
     print_matrix(sentences, matrix, metric)
     if report is not None:
         from pipeline.analysis.report import run_similarity_report
 
         run_similarity_report(sentences, matrix, report, f"{metric} similarity",
-                              higher_is_similar=metric not in ("euclidean", "manhattan"))
+                              higher_is_similar=query.higher_is_similar(metric))
         err_console.print(f"wrote heatmap to {report}")
     if out is not None:
         write_matrix(out, sentences, matrix)
         err_console.print(f"wrote {len(sentences)}x{len(sentences)} {metric} matrix to {out}")
 
 
-def print_matrix(sentences: list[str], matrix, metric: str) -> None:
-    from rich.table import Table
+def check_matrix_options(file: Path | None, index: Path | None, metric: str,
+                         out: Path | None) -> None:
+    if metric not in query.METRICS:
+        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(query.METRICS)}")
+    if (file is None) == (index is None):
+        raise UsageError("give a FILE of sentences or --index")
+    if out is not None and out.suffix not in (".csv", ".parquet"):
+        raise UsageError("--out must end in .csv or .parquet")
+    if out is not None and not out.parent.is_dir():
+        raise UsageError(f"--out {out}: no folder {out.parent}")
 
-    lo, hi = float(matrix.min()), float(matrix.max())
-    higher_is_closer = metric not in ("euclidean", "manhattan")
-    table = Table(title=f"{metric} similarity", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("sentence", max_width=40, no_wrap=True)
-    for j in range(len(sentences)):
-        table.add_column(str(j + 1), justify="right")
+
+def file_sentences(file: Path, model: str | None, device: str | None):
+    """The non-empty lines of FILE and their vectors."""
+    sentences = [line for line in read_lines(file) if line.strip()]
+    if len(sentences) < 2:
+        raise UsageError(f"{file} needs at least two non-empty lines")
+    from pipeline.embed.encoder import Encoder
+
+    return sentences, Encoder.load(model, device).embed_texts(sentences)
+
+
+def index_sentences(index: Path, sample: int, seed: int):
+    """The texts and vectors of `sample` rows of an index, drawn with `seed`."""
+    from pipeline.folder import IndexFolder
+
+    if sample < 2:
+        raise UsageError("--sample must be at least 2")
+    folder = IndexFolder(index)
+    folder.require_embeddings()
+    # Only the sampled rows are read, not every vector of the index.
+    rows = folder.sample_rows(sample, seed)
+    sentences = [r["text"] for r in folder.read_rows(rows, ("text",))]
+    vectors = folder.vectors_at(rows)
+    return sentences, vectors
+
+
+def print_matrix(sentences: list[str], matrix, metric: str, out: Console | None = None) -> None:
+    out = out or console
+    for line in matrix_lines(sentences, matrix, metric, out.width):
+        out.print(line)
+
+
+def matrix_lines(sentences: list[str], matrix, metric: str, width: int) -> list[Text]:
+    """The printed matrix: title, the numbered sentences (cut at the width), then per block of
+    columns a header of column numbers and one line per sentence, scores colour-scaled."""
+    n = len(sentences)
+    label = len(str(n))
+    cells = [[f"{value:.3f}" for value in row] for row in matrix]
+    cell = max(len(c) for row in cells for c in row)
+    styles = cell_styles(matrix, query.higher_is_similar(metric))
+    lines = [Text(f"{metric} similarity", style="bold")]
     for i, sentence in enumerate(sentences):
-        cells = []
-        for value in matrix[i]:
+        text = " ".join(str(sentence or "").split())
+        lines.append(Text(f"{i + 1:>{label}}  {text}", no_wrap=True, overflow="ellipsis"))
+    for columns in column_blocks(n, cell, label, width):
+        lines.append(Text())
+        lines.append(Text(" " * label + "".join(f" {j + 1:>{cell}}" for j in columns),
+                          style="bold"))
+        for i in range(n):
+            line = Text(f"{i + 1:>{label}}", style="bold", no_wrap=True)
+            for j in columns:
+                line.append(" ")
+                line.append(cells[i][j].rjust(cell), style=styles[i][j])
+            lines.append(line)
+    return lines
+
+
+def column_blocks(n: int, cell: int, label: int, width: int) -> list[range]:
+    """Columns per block so that a line (label, then a space and a cell per column) fits in
+    width; at least one column per block, however narrow the terminal."""
+    per = max(1, (width - label) // (cell + 1))
+    return [range(lo, min(n, lo + per)) for lo in range(0, n, per)]
+
+
+def cell_styles(matrix, higher_is_similar: bool) -> list[list[str]]:
+    """Per cell an rgb style from red (least similar in the matrix) to green (most)."""
+    lo, hi = float(matrix.min()), float(matrix.max())
+    styles = []
+    for row in matrix:
+        line = []
+        for value in row:
             t = (value - lo) / (hi - lo) if hi > lo else 1.0
-            t = t if higher_is_closer else 1 - t
+            t = t if higher_is_similar else 1 - t
             green, red = int(55 + 200 * t), int(55 + 200 * (1 - t))
-            cells.append(f"[rgb({red},{green},80)]{value:.3f}[/]")
-        table.add_row(str(i + 1), sentence, *cells)
-    console.print(table)
+            line.append(f"rgb({red},{green},80)")
+        styles.append(line)
+    return styles
 
 
 def write_matrix(out: Path, sentences: list[str], matrix) -> None:

@@ -1,4 +1,5 @@
-"""`pipeline train` and `pipeline evaluate`: thin commands over train.py and evaluate.py."""
+"""`pipeline train`, `export-model`, `merge-model` and `evaluate`: thin commands over
+pipeline.train and pipeline.analysis.evaluate."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipeline.cli.app import DeviceOption, UsageError, check_pooling, console, user_errors
-from pipeline.model.numpy_forward import ATTENTIONS  # model.py's, without importing torch
+from pipeline.cli.app import MODEL, DeviceOption, check_pooling, console, user_errors
+from pipeline.config import ATTENTIONS
+from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ TABLE_ROWS = [("spearman", "Spearman vs score"), ("pearson", "Pearson vs score")
               ("accuracy_threshold", "acc. threshold"), ("f1_threshold", "F1 threshold")]
 
 
+# Long only in its signature: one parameter per TrainConfig field, each with its help.
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: best model, last checkpoint, log.")],
     init: Annotated[str, typer.Option(
@@ -79,7 +82,7 @@ def train(
     device: DeviceOption = None,
 ):
     """Train the encoder (distillation, CoSENT, MNRL); resumes the run in --out if there is one."""
-    from pipeline.train.loop import TrainConfig
+    from pipeline.train.config import TrainConfig
     from pipeline.train.loop import train as run_training
 
     check_pooling(pooling)
@@ -103,6 +106,37 @@ def train(
                      if summary["resumed_from"] else "")
                   + (f"; best dev Spearman {best:.4f}" if best is not None else ""),
                   highlight=False, soft_wrap=True)
+
+
+def export_model(
+    src: Annotated[Path, typer.Argument(
+        help="Checkpoint folder (config.json + model.safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="Folder to write the copy to.")],
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
+    shard_mb: Annotated[float | None, typer.Option(
+        help="Cut the weights into files of at most this many MB (1e6 bytes), with "
+        "model.safetensors.index.json; `merge-model` joins them.")] = None,
+):
+    """Copy a checkpoint in another dtype, with its run's logs, optionally as shards."""
+    from pipeline.train.export import DTYPES, export_checkpoint
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if shard_mb is not None and shard_mb <= 0:
+        raise UsageError("--shard-mb must be positive")
+    shard_bytes = int(shard_mb * 1e6) if shard_mb is not None else None
+    for path in export_checkpoint(src, dst, dtype, shard_bytes):
+        typer.echo(str(path))
+
+
+def merge_model(
+    src: Annotated[Path, typer.Argument(help="Sharded checkpoint folder (from export-model).")],
+    dst: Annotated[Path, typer.Argument(help="Folder to write model.safetensors to.")],
+):
+    """Join a sharded checkpoint back into one model.safetensors."""
+    from pipeline.train.export import merge_shards
+
+    typer.echo(str(merge_shards(src, dst)))
 
 
 def evaluate(
@@ -147,6 +181,7 @@ def evaluate(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train` and `evaluate` to the pipeline app."""
-    app.command(name="train")(user_errors(train))
-    app.command(name="evaluate")(user_errors(evaluate))
+    """Add the training and evaluation commands to the pipeline app."""
+    for name, command in [("train", train), ("export-model", export_model),
+                          ("merge-model", merge_model), ("evaluate", evaluate)]:
+        app.command(name=name, rich_help_panel=MODEL)(user_errors(command))

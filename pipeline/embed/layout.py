@@ -2,9 +2,9 @@
 
 Pure numpy, no torch: `plan_passes` cuts a shard into forward passes and lays each out
 (`plan_layout`: short sequences packed into attention windows, the rest back to back); the
-encoder copies the layouts to the GPU as `model.PackedLayout`s. Packing is a Python loop
-(~2.5 ms per 65k-token pass), and Python work in a thread beside the ones launching GPU work
-holds the GIL they wait for at every op, so the embed stage plans in a process of its own
+encoder copies the layouts to the GPU as `model.PackedLayout`s (`gpu.layout_on_device`).
+Packing is a Python loop, and Python work in a thread beside the ones launching GPU work holds
+the GIL they wait for at every op, so the embed stage plans in a process of its own
 (`Planner`), which this torch-free module keeps quick to start.
 """
 
@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from pipeline.children import die_with_parent, start_python
+from pipeline.children import die_with_parent, start_function
 from pipeline.errors import ChildFailed
 
 
@@ -39,12 +39,16 @@ def plan_packed_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[t
 WINDOW = 128  # slots of an attention window for short sequences (PackedLayout)
 WINDOW_STEP = 64  # window counts are multiples of this: few shapes (see plan_layout)
 
+# A pass's layout, as `plan_layout` makes it and `model.gpt2.PackedLayout` holds it on the GPU:
+# its int32 arrays (copied to the device together) and its ints.
+LAYOUT_ARRAYS = ("ids", "positions", "seq", "starts", "lengths", "long_cu")
+LAYOUT_INTS = ("window_tokens", "window", "long_max")
+
 
 def pack_windows(lengths: np.ndarray, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray,
                                                                       int]:
     """Best-fit decreasing: sequences of at most `window` tokens into as few windows as it
-    finds. Returns each sequence's window and its first slot there, and the window count.
-    (On the bench corpus 99.9% of the slots are filled.)"""
+    finds. Returns each sequence's window and its first slot there, and the window count."""
     windows_by_room: list[list[int]] = [[] for _ in range(window + 1)]
     used: list[int] = []  # slots taken, per window
     which = np.empty(len(lengths), dtype=np.int64)
@@ -67,8 +71,8 @@ def pack_windows(lengths: np.ndarray, window: int = WINDOW) -> tuple[np.ndarray,
 def plan_layout(values: np.ndarray, lengths: np.ndarray, window: int = WINDOW,
                 step: int = WINDOW_STEP) -> dict:
     """Host side of a `PackedLayout` for one forward pass over sequences given as flat ids
-    `values` and their `lengths`: int32 arrays ids, positions, seq (slot -> token id,
-    position, sequence), starts, lengths, long_cu; and the ints window_tokens, long_max.
+    `values` and their `lengths`: the LAYOUT_ARRAYS (int32) ids, positions, seq (slot -> token
+    id, position, sequence), starts, lengths, long_cu; and the LAYOUT_INTS.
     window 0 puts every sequence in the variable-length part. Window counts are multiples of
     `step`: the sequences of the last, part-filled windows join the variable-length part.
     """
@@ -76,8 +80,8 @@ def plan_layout(values: np.ndarray, lengths: np.ndarray, window: int = WINDOW,
     is_short = lengths <= window if window else np.zeros(n, dtype=bool)
     short, long = np.flatnonzero(is_short), np.flatnonzero(~is_short)
     which, first_in_window, n_windows = pack_windows(lengths[short], window)
-    # Few distinct window counts: cuDNN's attention builds a plan for each new shape
-    # (~90 ms on an H200, the GPU idle meanwhile). Rounded down, not up: no pad windows.
+    # Few distinct window counts: cuDNN's attention builds a plan for each new shape, the GPU
+    # idle meanwhile (docs/performance.md). Rounded down, not up: no pad windows.
     kept = n_windows // step * step
     overflow = which >= kept
     long = np.concatenate([long, short[overflow]])
@@ -113,8 +117,8 @@ def plan_passes(values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int, 
     and their layouts.
 
     Passes less than FULL_PASS full (a shard's last, say) get no windows: their window
-    counts would be new ones, and cuDNN builds a plan for each, which stalled the GPU
-    ~60-90 ms each time (H200); the variable-length kernel needs none."""
+    counts would be new ones, and cuDNN builds a plan for each, which stalls the GPU
+    (docs/performance.md); the variable-length kernel needs none."""
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.diff(offsets)
     batches = plan_packed_batches(lengths, max_batch_tokens)
@@ -137,10 +141,9 @@ class Planner:
     def __init__(self):
         to_child, self._requests = os.pipe()
         self._results, from_child = os.pipe()
-        self.process = start_python(
-            "import sys; from pipeline.embed.layout import planner_child; "
-            "planner_child(*map(int, sys.argv[1:]))",
-            [str(to_child), str(from_child), str(os.getpid())], pass_fds=[to_child, from_child])
+        self.process = start_function(planner_child,
+                                      [str(to_child), str(from_child), str(os.getpid())],
+                                      pass_fds=[to_child, from_child])
         os.close(to_child)
         os.close(from_child)
         self._send = Connection(self._requests, readable=False)
@@ -187,12 +190,12 @@ class Planner:
             self.process.wait()
 
 
-def planner_child(requests_fd: int, results_fd: int, parent: int) -> None:
-    """The loop of a `Planner`'s process: plan_passes(*request) for each request, until the
-    parent closes the pipe."""
-    die_with_parent(parent)
-    requests = Connection(requests_fd, writable=False)
-    results = Connection(results_fd, readable=False)
+def planner_child(requests_fd: str, results_fd: str, parent: str) -> None:
+    """The loop of a `Planner`'s process (its arguments: numbers, as the command line gives
+    them): plan_passes(*request) for each request, until the parent closes the pipe."""
+    die_with_parent(int(parent))
+    requests = Connection(int(requests_fd), writable=False)
+    results = Connection(int(results_fd), readable=False)
     results.send("ready")
     while True:
         try:

@@ -35,13 +35,13 @@ from pipeline.children import start_python
 from pipeline.embed.encoder import Encoder, compile_ahead
 from pipeline.embed.layout import Planner, plan_passes
 from pipeline.errors import ChildFailed, UsageError
+from pipeline.hashing import file_sha256
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     MANIFEST,
     TOKENS_DIR,
     IndexFolderError,
     atomic_table_writer,
-    file_sha256,
     read_manifest,
     token_shards,
     vectors_to_arrow,

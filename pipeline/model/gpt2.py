@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,43 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# Defined beside the numpy query encoder, which must not import torch. Hugging Face GPT-2 keeps
-# the four CONV1D_SUFFIXES weights as Conv1D, the transpose of nn.Linear's.
+from pipeline.config import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, PRESETS, GPT2Config  # noqa: F401 (PRESETS: for callers)
+from pipeline.errors import ModelSpecError
+from pipeline.hashing import file_sha256
 from pipeline.model.fused import add_layer_norm
-from pipeline.model.numpy_forward import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, EncoderConfig  # noqa: F401
-from pipeline.text.tokenizer import sha256_file
-
-
-@dataclass(frozen=True)
-class GPT2Config(EncoderConfig):
-    """The model's shape and what makes an encoder of it: the fields (and their defaults) are
-    query_encoder.EncoderConfig's, which reads the same config.json without torch."""
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError("n_embd must be a multiple of n_head")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPT2Config:
-        """Accepts our config.json and Hugging Face's (which has many extra keys)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-PRESETS: dict[str, GPT2Config] = {
-    "gpt2": GPT2Config(),  # 124M
-    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),  # 355M
-    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),  # 1.5B
-    # CPU-friendly: the shape of the project's trained default model (16M parameters).
-    "gpt2-mini": GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=512),
-    # For tests only.
-    "gpt2-tiny": GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128),
-}
 
 
 class SelfAttention(nn.Module):
@@ -354,10 +321,6 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def weights_sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
 def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | None = None,
                     extra: dict | None = None) -> Path:
     """Write model.safetensors + config.json; config.json records the weights' sha256."""
@@ -372,7 +335,7 @@ def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | N
     tmp.replace(weights)
     config = {"model_type": "gpt2", **asdict(model.config),
               "tokenizer": "gpt2 (tiktoken r50k_base)",
-              "weights_sha256": weights_sha256(weights), **(extra or {})}
+              "weights_sha256": file_sha256(weights), **(extra or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -385,7 +348,10 @@ def read_checkpoint(folder: str | Path) -> tuple[GPT2Config, dict[str, torch.Ten
     if not config_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder "
                                 "(config.json and model.safetensors expected)")
-    cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
+    try:
+        cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
+    except ValueError as err:  # JSONDecodeError is one too
+        raise ModelSpecError(f"{config_path}: {err}") from None
     sd = {k: v.float() for k, v in from_hf_state_dict(load_file(str(weights))).items()}
     return cfg, sd
 
@@ -401,7 +367,7 @@ def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
         model = GPT2Model(cfg, init_weights=False)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not fit the config "
+        raise ModelSpecError(f"{folder}: weights do not fit the config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 

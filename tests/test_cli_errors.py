@@ -1,0 +1,109 @@
+"""How the command line reports errors: a PipelineError is one line and exit code 1, with its
+text printed as is (rich markup would read `[report]` as a tag and drop it); any other
+exception is a bug and keeps its traceback."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import pipeline
+from pipeline.cli.app import user_errors
+from pipeline.errors import MissingExtra, PipelineError, UsageError
+
+
+def app_raising(error: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @user_errors
+    def fail():
+        raise error
+
+    return app
+
+
+@pytest.mark.parametrize("error", [
+    UsageError("--out must end in .csv or .parquet"),
+    MissingExtra("the heatmap needs scipy: pip install 'pipeline[report]'"),
+    PipelineError("[bold]not bold[/bold] and [1] and C:\\path\\[x]"),
+])
+def test_pipeline_errors_are_one_verbatim_line(error):
+    result = CliRunner().invoke(app_raising(error), [])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: {error}"]
+
+
+def test_other_exceptions_keep_their_traceback():
+    # A ValueError from deep inside a library is a bug, not bad input.
+    result = CliRunner().invoke(app_raising(ValueError("shapes (3,) and (4,) not aligned")), [])
+    assert isinstance(result.exception, ValueError)  # not turned into typer.Exit
+    assert not result.output.startswith("error:")
+
+
+def test_a_real_command_keeps_brackets_in_its_error(tmp_path):
+    # End to end through the installed entry point: a path with brackets in an error message.
+    missing = tmp_path / "[draft] notes.txt"
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "similarity-matrix",
+                             str(missing)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot read {missing}: no such file"
+    assert "Traceback" not in result.stderr
+
+
+def pipeline_import_graph() -> dict[str, set[str]]:
+    """Module -> the pipeline modules it imports (at the top or inside functions)."""
+    root = Path(pipeline.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): p for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` never run: annotations only.
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                       for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                    + ([base] if base else []))
+                for alias in node.names:  # `from pipeline.x import y`: y may be a module
+                    edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules
+                              else base)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = pipeline_import_graph()
+    assert "pipeline.cli.app" in graph and "pipeline.embed.stage" in graph
+    done, stack = set(), []
+
+    def visit(module):
+        if module in stack:
+            cycle = stack[stack.index(module):] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        stack.append(module)
+        for other in sorted(graph[module]):
+            # A package's __init__ importing its own submodules is how a package is built.
+            if not other.startswith(module + "."):
+                visit(other)
+        stack.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
