@@ -5,8 +5,8 @@
     python benchmarks/cluster_bench.py --threads 16 --nredo 1   # one k-means run, 16 threads
 
 Phases, each timed: generate the vectors (not part of the pipeline), train k-means on a
-uniform sample (pipeline.analysis.cluster.train_spherical_kmeans: k-means++ seeding where faiss has
-it, best of --nredo runs), assign every vector to its nearest centroid in blocks of
+uniform sample (pipeline.analysis.cluster.train_spherical_kmeans: k-means++ seeding where
+faiss has it, best of --nredo runs), assign every vector to its nearest centroid in blocks of
 --block rows (as the pipeline does shard by shard), and score the result against the
 generating groups (adjusted Rand index) and by mean similarity to the centroid.
 
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import faiss  # noqa: E402
 
-from pipeline import cluster  # noqa: E402
+from pipeline.analysis import cluster  # noqa: E402
+from pipeline.analysis.metrics import unit_rows  # noqa: E402
 
 
 def clustered_vectors(n: int, dim: int, k: int, cosine: float, seed: int,
@@ -41,7 +42,7 @@ def clustered_vectors(n: int, dim: int, k: int, cosine: float, seed: int,
     # centre + noise has cosine 1 / sqrt(1 + noise^2 dim) to the centre, on average
     noise = np.sqrt((1 / cosine**2 - 1) / dim)
     rng = np.random.default_rng(seed)
-    centres = cluster.normalize(rng.standard_normal((k, dim), dtype=np.float32))
+    centres = unit_rows(rng.standard_normal((k, dim), dtype=np.float32))
     labels = rng.integers(0, k, n).astype(np.int32)
     x = np.empty((n, dim), np.float32)
     for lo in range(0, n, block):  # in blocks, so the noise never needs a second (n, dim)
@@ -52,7 +53,7 @@ def clustered_vectors(n: int, dim: int, k: int, cosine: float, seed: int,
     return x, labels
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000, help="vectors (default 1,000,000)")
     p.add_argument("--dim", type=int, default=768, help="dimensions (default 768)")
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block", type=int, default=50_000, help="rows per assignment block")
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     sample = min(args.n, args.sample or 256 * args.k)

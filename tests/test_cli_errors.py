@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli.app import user_errors
-from pipeline.errors import MissingExtra, PipelineError, UsageError
+from pipeline.errors import MissingExtra, PipelineError, UsageError, pip_install
 
 
 def app_raising(error: BaseException) -> typer.Typer:
@@ -29,7 +29,7 @@ def app_raising(error: BaseException) -> typer.Typer:
 
 @pytest.mark.parametrize("error", [
     UsageError("--out must end in .csv or .parquet"),
-    MissingExtra("the heatmap needs scipy: pip install 'pipeline[report]'"),
+    MissingExtra(f"the heatmap needs scipy: {pip_install('report')}"),
     PipelineError("[bold]not bold[/bold] and [1] and C:\\path\\[x]"),
 ])
 def test_pipeline_errors_are_one_verbatim_line(error):

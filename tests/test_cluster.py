@@ -4,6 +4,7 @@ whose groups are known, the texts come from per-topic vocabularies)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -32,15 +33,18 @@ def blobs(k: int, per: int, dim: int, noise: float, seed: int):
 
 
 def write_index(folder: Path, doc_ids: list[str], texts: list[str], vectors: np.ndarray,
-                shard_rows: int) -> Path:
-    """A minimal index folder in the layout of shards.py: manifest, token and embedding shards."""
+                shard_rows: int, chunks: list[int] | None = None) -> Path:
+    """A minimal index folder in the layout of the tokenize and embed stages: manifest, token
+    and embedding shards. Row r is window chunks[r] (default 0) of document doc_ids[r]."""
+    all_chunks = np.zeros(len(texts), np.int32) if chunks is None else np.asarray(chunks,
+                                                                                  np.int32)
     tokens = []
     embedded = {}
     for number, first in enumerate(range(0, len(texts), shard_rows)):
         name = f"part-{number:05d}.parquet"
         rows = np.arange(first, min(first + shard_rows, len(texts)), dtype=np.int64)
         ids = [doc_ids[r] for r in rows]
-        chunks = pa.array(np.zeros(len(rows), np.int32))
+        chunks = pa.array(all_chunks[rows])
         (folder / "tokens").mkdir(parents=True, exist_ok=True)
         (folder / "embeddings").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"row": rows, "doc_id": ids, "chunk": chunks,
@@ -49,7 +53,7 @@ def write_index(folder: Path, doc_ids: list[str], texts: list[str], vectors: np.
                                  "embedding": vectors_to_arrow(vectors[rows].astype(np.float32))}),
                        folder / "embeddings" / name)
         tokens.append({"name": name, "first_row": int(first), "rows": len(rows),
-                       "docs": len(rows), "sha256": "x"})
+                       "docs": len(set(ids)), "sha256": "x"})
         embedded[name] = {"rows": len(rows), "sha256": "y"}
     manifest = {"format_version": 1, "tokenize": {"shards": tokens},
                 "embed": {"identity": {"model": "synthetic"}, "dtype": "float32",
@@ -345,3 +349,162 @@ def test_run_cluster_rejects_bad_k(topic_index, tmp_path):
         cluster.run_cluster(topic_index[0], 10_000, tmp_path, 0, 0.95, 100, None)
     with pytest.raises(UsageError, match="whole number"):
         cluster.run_cluster(topic_index[0], "many", tmp_path, 0, 0.95, 100, None)
+
+
+def test_select_k_refuses_vectors_that_do_not_separate():
+    x = unit_rows(np.ones((50, 8)))
+    with pytest.raises(UsageError, match="give -k"):
+        cluster.select_k(x, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents of several windows: pooled into one vector each, unless --rows
+
+
+def test_document_bounds_split_at_chunk_0_and_at_a_new_id():
+    ids = ["a", "a", "a", "b", "c", "c", "c", "c"]
+    chunks = [0, 1, 2, 0, 0, 1, 0, 1]  # c twice in a row: a repeated id still splits at 0
+    units = cluster.make_units(ids, chunks)
+    assert units.name == "documents" and units.bounds.tolist() == [0, 3, 4, 6, 8]
+    assert len(units) == units.documents == 4 and units.rows == 8 and units.pooled
+    assert units.per_row(np.array([7, 8, 9, 5])).tolist() == [7, 7, 7, 8, 9, 9, 5, 5]
+    rows = cluster.make_units(ids, chunks, by_rows=True)
+    assert rows.name == "rows" and len(rows) == 8 and rows.documents == 4 and not rows.pooled
+    assert cluster.make_units(["x", "y"], [1, 2]).bounds.tolist() == [0, 1, 2]  # id changes
+
+
+def test_pool_rows_is_the_renormalised_mean_of_unit_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4)) * rng.uniform(0.5, 3, (6, 1))  # rows of unequal length
+    pooled = cluster.pool_rows(x, np.array([0, 2, 3, 6]))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for g, (lo, hi) in enumerate([(0, 2), (2, 3), (3, 6)]):
+        mean = unit[lo:hi].mean(0)
+        np.testing.assert_allclose(pooled[g], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+@pytest.mark.parametrize("edges", [[0, 10], [0, 3, 4, 10], [0, 1, 2, 3, 5, 8, 9, 10]])
+def test_pool_blocks_equals_pooling_everything_at_once(edges):
+    """However the rows are cut into shards, each document is pooled once, whole."""
+    x = np.random.default_rng(1).standard_normal((10, 5))
+    bounds = np.array([0, 4, 5, 9, 10])  # the first and third documents span several cuts
+    shards = [(lo, x[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    blocks = list(cluster.pool_blocks(shards, bounds))
+    firsts = [first for first, _ in blocks]
+    assert firsts == sorted(firsts) and all(len(v) for _, v in blocks)
+    got = np.concatenate([v for _, v in blocks])
+    np.testing.assert_allclose(got, cluster.pool_rows(x, bounds), atol=1e-6)
+
+
+def windowed_corpus():
+    """topic_corpus regrouped into documents of 1, 2 or 3 windows of one topic each, and a
+    copy of a three-window document at the end: (vectors, doc_ids, chunks, texts, topic of
+    each document)."""
+    x, truth, texts = topic_corpus()
+    order = np.argsort(truth, kind="stable")
+    sizes = itertools.cycle([1, 3, 2, 2, 3, 1])
+    rows, doc_ids, chunks, topics = [], [], [], []
+    for topic in range(len(TOPICS)):
+        members = order[truth[order] == topic].tolist()
+        while members:
+            take = members[:next(sizes)]
+            members = members[len(take):]
+            doc_ids += [f"doc-{len(topics):03d}"] * len(take)
+            chunks += list(range(len(take)))
+            rows += take
+            topics.append(topic)
+    copied = next(d for d in sorted(set(doc_ids)) if doc_ids.count(d) == 3)
+    copy_rows = [r for r, d in zip(rows, doc_ids, strict=True) if d == copied]
+    rows += copy_rows
+    doc_ids += [f"doc-{len(topics):03d}"] * 3
+    chunks += [0, 1, 2]
+    topics.append(topics[int(copied[4:])])
+    return x[rows], doc_ids, chunks, [texts[r] for r in rows], np.array(topics), copied
+
+
+@pytest.fixture(scope="module")
+def windowed_index(tmp_path_factory):
+    x, doc_ids, chunks, texts, topics, copied = windowed_corpus()
+    folder = write_index(tmp_path_factory.mktemp("windowed"), doc_ids, texts, x,
+                         shard_rows=150, chunks=chunks)
+    return folder, x, doc_ids, chunks, topics, copied
+
+
+def pooled_by_hand(x: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+    out = []
+    for d in dict.fromkeys(doc_ids):
+        rows = [r for r, i in enumerate(doc_ids) if i == d]
+        mean = (x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)).mean(0)
+        out.append(mean / np.linalg.norm(mean))
+    return np.array(out)
+
+
+def test_documents_are_clustered_by_default(windowed_index, tmp_path):
+    folder, x, doc_ids, _, topics, _ = windowed_index
+    documents = list(dict.fromkeys(doc_ids))
+    assert len(documents) < len(doc_ids)  # several windows to some documents
+    summary = cluster.run_cluster(folder, 5, None, seed=0, near_duplicate_threshold=0,
+                                  sample=10_000)
+    assert summary["clustered"] == "documents"
+    assert summary["n"] == summary["documents"] == len(documents)
+    assert summary["rows"] == len(doc_ids)
+    table = pq.read_table(folder / "clusters" / cluster.CLUSTERS_FILE).to_pydict()
+    assert table["id"] == documents  # one entry per document, in order
+    assert table["row"] == [doc_ids.index(d) for d in documents]  # its first row
+    assert table["rows"] == [doc_ids.count(d) for d in documents]
+    labels = np.array(table["cluster"])
+    assert cluster.adjusted_rand_index(topics, labels) > 0.95
+    centroids = np.load(folder / "clusters" / cluster.CENTROIDS_FILE)
+    pooled = pooled_by_hand(x, doc_ids)
+    np.testing.assert_allclose(table["similarity"], (pooled * centroids[labels]).sum(1),
+                               atol=1e-5)
+
+
+def test_rows_flag_clusters_every_window(windowed_index):
+    folder, _, doc_ids, chunks, _, _ = windowed_index
+    summary = cluster.run_cluster(folder, 5, None, seed=0, near_duplicate_threshold=0,
+                                  sample=10_000, by_rows=True)
+    assert summary["clustered"] == "rows" and summary["n"] == len(doc_ids)
+    table = pq.read_table(folder / "clusters" / cluster.CLUSTERS_FILE).to_pydict()
+    assert table["row"] == list(range(len(doc_ids)))
+    assert table["id"] == doc_ids and table["chunk"] == chunks
+
+
+def test_near_duplicates_are_documents(windowed_index, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder, x, doc_ids, chunks, _, copied = windowed_index
+    documents = list(dict.fromkeys(doc_ids))
+    units = cluster.make_units(doc_ids, chunks)
+    i, j, _ = cluster.near_duplicate_pairs(folder, 0.998, units)  # documents across shards
+    exact = brute_force_pairs(pooled_by_hand(x, doc_ids), 0.998)
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == exact
+    assert (documents.index(copied), len(documents) - 1) in exact
+    summary = cluster.run_cluster(folder, 5, tmp_path, seed=0, near_duplicate_threshold=0.998,
+                                  sample=10_000)
+    groups = pq.read_table(tmp_path / cluster.DUPLICATES_FILE).to_pydict()
+    assert set(groups) == {"group", "id", "row"}
+    pair = {g for g, d in zip(groups["group"], groups["id"], strict=True)
+            if d in (copied, documents[-1])}
+    assert len(pair) == 1  # the document and its copy are one group
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"{len(documents):,} documents · " in markdown
+    assert summary["near_duplicate_groups"] == len(set(groups["group"]))
+
+
+def test_cli_says_documents_or_rows(windowed_index):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder, _, doc_ids, _, _, _ = windowed_index
+    n_docs, n_rows = len(set(doc_ids)), len(doc_ids)
+    runner = CliRunner()
+    docs = runner.invoke(app, ["cluster", "--index", str(folder), "-k", "5", "--json"])
+    assert docs.exit_code == 0, docs.output
+    assert f"5 clusters of {n_docs} documents ({n_rows} rows)" in docs.stderr
+    assert json.loads(docs.stdout)["n"] == n_docs
+    rows = runner.invoke(app, ["cluster", "--index", str(folder), "-k", "5", "--rows"])
+    assert rows.exit_code == 0, rows.output
+    assert f"5 clusters of {n_rows} rows ({n_docs} documents)" in rows.stderr
+    help_text = runner.invoke(app, ["cluster", "--help"]).stdout
+    assert "--rows" in help_text and "one entry per document" in " ".join(help_text.split())

@@ -134,6 +134,10 @@ def test_read_pairs(tmp_path):
     (tmp_path / "bad.tsv").write_text("id\tsentence1\tlabel\nx\ty\t1\n")
     with pytest.raises(InputFileError, match="sentence2"):
         read_pairs(tmp_path / "bad.tsv")
+    (tmp_path / "latin1.tsv").write_bytes("sentence1\tsentence2\tlabel\ncaf\xe9\tx\t1\n"
+                                          .encode("latin-1"))
+    with pytest.raises(InputFileError, match="not UTF-8"):
+        read_pairs(tmp_path / "latin1.tsv")
 
 
 def test_evaluate_models_reports_every_metric(tmp_path):

@@ -71,6 +71,21 @@ def test_markdown_and_html_escaping():
     assert "Not searched." in md and "Not searched." in html
 
 
+def test_report_names_what_was_clustered():
+    """"documents" by default; "rows" when `cluster --rows` clustered windows."""
+    doc = report.Document(3, "d", "text", 0.9)
+    section = report.ClusterSection(0, 7, 0.9, [("w", 1.0)], [doc], [])
+    group = report.DuplicateGroup(2, [doc, doc], 0.99, 0.99)
+    for unit in ("documents", "rows"):
+        rep = report.ClusterReport("T", 7, 4, [section], duplicate_threshold=0.95,
+                                   duplicate_pairs=1, duplicate_groups=[group],
+                                   duplicate_groups_total=1, unit=unit)
+        md, html = report.render_cluster_markdown(rep), report.render_cluster_html(rep)
+        other = "rows" if unit == "documents" else "documents"
+        for page in (md, html):
+            assert f"7 {unit} " in page and f"2 {unit}" in page and f" {other} " not in page
+
+
 # ---------------------------------------------------------------------------------------------
 # A real browser: the pages must load with every image decoded and no errors.
 

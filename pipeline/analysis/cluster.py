@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.analysis import report as rpt
 from pipeline.analysis.metrics import unit_rows
-from pipeline.errors import MissingExtra, UsageError
+from pipeline.errors import MissingExtra, UsageError, pip_install
 from pipeline.folder import sample_rows
 from pipeline.parquet import (
     TOKENS_DIR,
@@ -314,8 +314,7 @@ def umap_2d(x: np.ndarray, seed: int) -> np.ndarray:
     try:
         import umap
     except ImportError:
-        raise MissingExtra("--projection umap needs umap-learn: pip install 'pipeline[umap]'"
-                         ) from None
+        raise MissingExtra(f"--projection umap needs umap-learn: {pip_install('umap')}") from None
     # random_state makes it reproducible and single-threaded (n_jobs=1 says so, silencing
     # umap-learn's warning about it)
     return umap.UMAP(n_components=2, metric="cosine", random_state=seed,
@@ -893,8 +892,10 @@ def _print_summary(console, summary: dict) -> None:
 
     sizes, cohesion = summary["sizes"], summary["cohesion"]
     other = "rows" if summary["clustered"] == "documents" else "documents"
-    table = Table(title=f"{summary['k']} clusters of {summary['n']:,} {summary['clustered']} "
-                        f"({summary[other]:,} {other}; largest {min(10, len(sizes))} shown)")
+    # A line of its own: a table title would wrap to the (narrow) table's width.
+    console.print(Text(f"{summary['k']} clusters of {summary['n']:,} {summary['clustered']} "
+                       f"({summary[other]:,} {other})"))
+    table = Table(title=f"largest {min(10, len(sizes))}")
     table.add_column("cluster", justify="right")
     table.add_column("size", justify="right")
     table.add_column("cohesion", justify="right")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import MissingExtra
+from pipeline.errors import MissingExtra, pip_install
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _figure_class():
         from matplotlib.figure import Figure
     except ImportError:
         raise MissingExtra(
-            "reports need matplotlib: pip install 'pipeline[report]'") from None
+            f"reports need matplotlib: {pip_install('report')}") from None
     return Figure
 
 
@@ -111,7 +111,7 @@ def _scipy_linkage():
         from scipy.spatial.distance import squareform
     except ImportError:
         raise MissingExtra(
-            "the heatmap needs scipy: pip install 'pipeline[report]'") from None
+            f"the heatmap needs scipy: {pip_install('report')}") from None
     return leaves_list, linkage, squareform
 
 

@@ -14,6 +14,7 @@ from pipeline.cli.app import (
     err_console,
     user_errors,
 )
+from pipeline.errors import pip_install
 
 
 @app.command()
@@ -34,7 +35,7 @@ def cluster(
     sample: Annotated[int, typer.Option(
         help="Documents (rows with --rows) k-means trains on (random sample).")] = 100_000,
     projection: Annotated[str, typer.Option(
-        help="2-D map: pca, or umap (pip install 'pipeline[umap]').")] = "pca",
+        help=f"2-D map: pca, or umap ({pip_install('umap')}).")] = "pca",
     rows: Annotated[bool, typer.Option(
         "--rows", help="Cluster rows (each window of a long document on its own), not "
         "documents.")] = False,

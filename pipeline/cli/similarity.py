@@ -159,13 +159,16 @@ def matrix_lines(sentences: list[str], matrix, metric: str, width: int) -> list[
     lines = [Text(f"{metric} similarity", style="bold")]
     for i, sentence in enumerate(sentences):
         text = " ".join(str(sentence or "").split())
-        lines.append(Text(f"{i + 1:>{label}}  {text}", no_wrap=True, overflow="ellipsis"))
+        line = Text(f"{i + 1:>{label}}  {text}")
+        line.truncate(width, overflow="ellipsis")
+        lines.append(line)
     for columns in column_blocks(n, cell, label, width):
         lines.append(Text())
         lines.append(Text(" " * label + "".join(f" {j + 1:>{cell}}" for j in columns),
                           style="bold"))
         for i in range(n):
-            line = Text(f"{i + 1:>{label}}", style="bold", no_wrap=True)
+            line = Text()
+            line.append(f"{i + 1:>{label}}", style="bold")
             for j in columns:
                 line.append(" ")
                 line.append(cells[i][j].rjust(cell), style=styles[i][j])

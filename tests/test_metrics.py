@@ -49,3 +49,23 @@ def test_unknown_metric(vectors):
         query.similarity_matrix(vectors, "hamming")
     with pytest.raises(UsageError, match="unknown metric"):
         query.similarity(vectors[0], vectors[1], "hamming")
+
+
+def test_unit_rows_and_cosine_rows(vectors):
+    unit = query.unit_rows(vectors)
+    assert unit.dtype == np.float32 and unit.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6)
+    assert query.unit_rows(np.zeros((2, 3))).tolist() == [[0.0] * 3] * 2  # zero rows stay zero
+    assert query.unit_rows(vectors, np.float64).dtype == np.float64
+    np.testing.assert_allclose(query.cosine_rows(vectors[:6], vectors[6:]),
+                               [1 - distance.cosine(a, b)
+                                for a, b in zip(vectors[:6], vectors[6:], strict=True)],
+                               atol=1e-12)
+
+
+def test_one_pearson_for_vectors_and_scores():
+    from pipeline.analysis import evaluate
+
+    assert evaluate.pearson is query.pearson  # evaluate's correlations use this one
+    assert query.pearson(np.ones(5), np.arange(5)) == 0.0  # constant input: 0, not NaN
+    assert query.higher_is_similar("cosine") and not query.higher_is_similar("manhattan")
