@@ -33,7 +33,7 @@ $(DEV): $(RUNTIME)
 	touch $@
 
 $(RANKS): | $(RUNTIME)
-	$(PY) -m pipeline.text.tokenizer fetch --out $(RANKS)
+	$(PY) -m pipeline.cli fetch-ranks --out $(RANKS)
 
 setup: $(RUNTIME) $(RANKS)
 

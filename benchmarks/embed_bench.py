@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.embed.encoder import Encoder
-from pipeline.embed.stage import run_embed, run_tokenize_and_embed
-from pipeline.model.gpt2 import random_model, save_checkpoint
-from pipeline.parquet import load_vectors
+from pipeline.embed.overlap import run_tokenize_and_embed
+from pipeline.embed.stage import run_embed
+from pipeline.folder import IndexFolder
+from pipeline.model.checkpoint import random_model, save_checkpoint
 from pipeline.text.stage import TokenizeSettings, run_tokenize
 
 DEBIAN = Path(__file__).resolve().parent.parent / "data_sets" / "debian_packages.parquet"
@@ -179,7 +180,7 @@ def fp32_cosines(encoder_spec: str, device: str, index: Path, sample: int) -> np
     tokens = pq.read_table(index / "tokens" / "part-00000.parquet", columns=["tokens"])
     token_lists = tokens["tokens"].to_pylist()[:sample]
     expected = ref.embed_flat(*flat(token_lists), 8192)
-    ours = load_vectors(index)[:len(token_lists)]
+    ours = IndexFolder(index).load_vectors()[:len(token_lists)]
     return (expected * ours).sum(1)
 
 

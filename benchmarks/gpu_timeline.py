@@ -26,8 +26,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.embed.encoder import Encoder
-from pipeline.embed.stage import run_embed, run_tokenize_and_embed
-from pipeline.model.gpt2 import random_model, save_checkpoint
+from pipeline.embed.overlap import run_tokenize_and_embed
+from pipeline.embed.stage import run_embed
+from pipeline.model.checkpoint import random_model, save_checkpoint
 from pipeline.text.stage import TokenizeSettings, run_tokenize
 
 

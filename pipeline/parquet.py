@@ -1,4 +1,4 @@
-"""Parquet on disk: vector columns, atomic writes, manifests.
+"""Parquet on disk: vector columns, atomic writes (index folders: folder.py).
 
 Vectors are stored as a FixedSizeList<float32|float16>[dim] column, which Arrow reads back
 as one contiguous buffer (zero-copy into numpy). A file is written to `NAME.tmp` and renamed,
@@ -15,10 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.errors import IndexFolderError
-
-FORMAT_VERSION = 1
 
 
 def numpy_to_arrow(values: np.ndarray) -> pa.Array:
@@ -129,98 +125,3 @@ def write_vectors_table(path: str | Path, ids: Sequence, texts: Sequence[str],
     if metadata:
         table = table.replace_schema_metadata({"pipeline": json.dumps(metadata)})
     return atomic_write_table(table, path, vector_column="embedding")
-
-
-# ---------------------------------------------------------------------------------------------
-# Index folders: indexes/NAME/{manifest.json, tokens/, embeddings/, index.faiss, index.json}
-#
-# Row r of the corpus (one document, or one window of a long document) is row r of the token
-# shards, of the embedding shards and of the FAISS index: shard k holds rows
-# [first_row, first_row + rows) in order, so no id map is needed.
-
-MANIFEST = "manifest.json"
-TOKENS_DIR = "tokens"
-EMBEDDINGS_DIR = "embeddings"
-
-
-def shard_name(number: int) -> str:
-    return f"part-{number:05d}.parquet"
-
-
-def read_manifest(index_dir: str | Path) -> dict:
-    path = Path(index_dir) / MANIFEST
-    if not path.is_file():
-        raise IndexFolderError(f"{index_dir} has no {MANIFEST}: run `pipeline tokenize` first")
-    return json.loads(path.read_text())
-
-
-def write_manifest(index_dir: str | Path, manifest: dict) -> Path:
-    return atomic_write_json(manifest, Path(index_dir) / MANIFEST)
-
-
-def token_shards(manifest: dict) -> list[dict]:
-    """The tokenize stage's shard records: name, first_row, rows, docs, sha256."""
-    return manifest.get("tokenize", {}).get("shards", [])
-
-
-def total_rows(manifest: dict) -> int:
-    return sum(s["rows"] for s in token_shards(manifest))
-
-
-def require_embeddings(index_dir: str | Path) -> dict:
-    """The manifest, after checking that every token shard has its embedding shard."""
-    manifest = read_manifest(index_dir)
-    done = manifest.get("embed", {}).get("shards", {})
-    missing = [s["name"] for s in token_shards(manifest) if s["name"] not in done]
-    if not token_shards(manifest) or missing:
-        raise IndexFolderError(f"{index_dir}: embeddings are incomplete "
-                               f"({len(missing)} shard(s) left): run `pipeline embed --index`")
-    return manifest
-
-
-def iter_vector_shards(index_dir: str | Path):
-    """(first_row, (n, dim) float32 vectors) per embedding shard, in row order."""
-    index_dir = Path(index_dir)
-    manifest = require_embeddings(index_dir)
-    for shard in token_shards(manifest):
-        table = pq.read_table(index_dir / EMBEDDINGS_DIR / shard["name"],
-                              columns=["embedding"])
-        yield shard["first_row"], arrow_to_vectors(table["embedding"]).astype(np.float32)
-
-
-def load_vectors(index_dir: str | Path) -> np.ndarray:
-    """All vectors of an index folder as one (N, dim) float32 array, row r = corpus row r."""
-    parts = [v for _, v in iter_vector_shards(index_dir)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
-def read_rows(index_dir: str | Path, rows: Sequence[int],
-              columns: Sequence[str] = ("doc_id", "chunk", "text")) -> list[dict]:
-    """Token-shard columns for the given global rows (search hits), in the order asked."""
-    index_dir = Path(index_dir)
-    manifest = read_manifest(index_dir)
-    out: dict[int, dict] = {}
-    wanted = sorted(set(int(r) for r in rows))
-    for shard in token_shards(manifest):
-        lo, hi = shard["first_row"], shard["first_row"] + shard["rows"]
-        local = [r - lo for r in wanted if lo <= r < hi]
-        if not local:
-            continue
-        # Read only the row groups that hold the rows: search stays fast on big shards.
-        pf = pq.ParquetFile(index_dir / TOKENS_DIR / shard["name"])
-        group_starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
-                                        for g in range(pf.num_row_groups)])
-        groups = sorted({int(np.searchsorted(group_starts, r, side="right")) - 1
-                         for r in local})
-        table = pf.read_row_groups(groups, columns=list(columns))
-        # Row r of the shard is row r - start(g) + (rows of the groups read before g).
-        before = dict(zip(groups, np.cumsum([0] + [pf.metadata.row_group(g).num_rows
-                                                   for g in groups])[:-1], strict=True))
-        positions = []
-        for r in local:
-            g = int(np.searchsorted(group_starts, r, side="right")) - 1
-            positions.append(int(before[g] + r - group_starts[g]))
-        picked = table.take(pa.array(positions)).to_pylist()
-        for r, record in zip(local, picked, strict=True):
-            out[r + lo] = record
-    return [out[int(r)] for r in rows]

@@ -18,6 +18,7 @@ import pytest
 from pipeline.analysis import cluster
 from pipeline.analysis.metrics import unit_rows
 from pipeline.errors import UsageError
+from pipeline.folder import IndexFolder
 from pipeline.parquet import vectors_to_arrow
 
 
@@ -301,7 +302,8 @@ def test_representatives_are_nearest_their_centroid(topic_index, clustered):
 
 def test_near_duplicates_equal_brute_force(topic_index, clustered):
     folder, x, _, _ = topic_index
-    i, j, _ = cluster.near_duplicate_pairs(folder, 0.998)  # 3 shards: pairs across them too
+    # 3 shards: pairs across them too
+    i, j, _ = cluster.near_duplicate_pairs(IndexFolder(folder), 0.998)
     exact = brute_force_pairs(x, 0.998)
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == exact
     groups = pq.read_table(clustered[1] / cluster.DUPLICATES_FILE).to_pydict()
@@ -475,7 +477,8 @@ def test_near_duplicates_are_documents(windowed_index, tmp_path):
     folder, x, doc_ids, chunks, _, copied = windowed_index
     documents = list(dict.fromkeys(doc_ids))
     units = cluster.make_units(doc_ids, chunks)
-    i, j, _ = cluster.near_duplicate_pairs(folder, 0.998, units)  # documents across shards
+    # documents across shards
+    i, j, _ = cluster.near_duplicate_pairs(IndexFolder(folder), 0.998, units)
     exact = brute_force_pairs(pooled_by_hand(x, doc_ids), 0.998)
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == exact
     assert (documents.index(copied), len(documents) - 1) in exact

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import POOLINGS
 from pipeline.embed.encoder import Encoder, pad_batch
-from pipeline.model.gpt2 import POOLINGS, random_model
+from pipeline.model.checkpoint import random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -97,9 +98,9 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
     fp32."""
     import pyarrow.parquet as pq
 
-    from pipeline.embed import stage as embed
+    from pipeline.embed.engines import local
     from pipeline.embed.stage import run_embed
-    from pipeline.parquet import load_vectors
+    from pipeline.folder import IndexFolder
     from pipeline.text.stage import TokenizeSettings, run_tokenize
 
     rng = np.random.default_rng(0)
@@ -112,12 +113,13 @@ def test_embed_stage_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
     for name in ("cpu", "gpu"):
         run_tokenize(corpus, tmp_path / name, settings)
     run_embed(tmp_path / "cpu", "random:gpt2-mini:1", "cpu", precision="fp32")
-    monkeypatch.setattr(embed, "WRITE_ROWS", 100)  # several blocks (row groups) a shard
+    monkeypatch.setattr(local, "WRITE_ROWS", 100)  # several blocks (row groups) a shard
     run_embed(tmp_path / "gpu", "random:gpt2-mini:1", "cuda", devices=devices,
               batch_tokens=8192)
     assert pq.ParquetFile(next((tmp_path / "gpu" / "embeddings").glob("*.parquet"))
                           ).num_row_groups > 1
-    cosine = (load_vectors(tmp_path / "cpu") * load_vectors(tmp_path / "gpu")).sum(1)
+    cosine = (IndexFolder(tmp_path / "cpu").load_vectors()
+              * IndexFolder(tmp_path / "gpu").load_vectors()).sum(1)
     assert len(cosine) >= 3000 and cosine.min() > 0.999, cosine.min()
 
 

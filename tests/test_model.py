@@ -1,24 +1,17 @@
-"""The encoder against Hugging Face transformers' GPT-2, pooling, and checkpoints."""
+"""The encoder against Hugging Face transformers' GPT-2, pooling, model specs and the GPU
+path's packed layout, on the CPU. Checkpoint folders: test_checkpoint.py."""
 
-import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ATTENTIONS, POOLINGS, GPT2Config
 from pipeline.embed.encoder import ModelSpecError, load_model, pad_batch
 from pipeline.errors import ChildFailed
-from pipeline.model.gpt2 import (
-    ATTENTIONS,
-    POOLINGS,
-    GPT2Config,
-    GPT2Model,
-    load_pretrained,
-    pool,
-    random_model,
-    save_checkpoint,
-)
+from pipeline.model.checkpoint import load_pretrained, random_model, save_checkpoint
+from pipeline.model.gpt2 import GPT2Model, pool
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,20 +53,6 @@ def test_last_hidden_states_match_transformers(hf_folder):
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
-def test_lm_head_checkpoint_loads(tmp_path, hf_folder):
-    """GPT2LMHeadModel folders (prefix 'transformer.', tied lm_head) load too."""
-    _, hf = hf_folder
-    lm = transformers.GPT2LMHeadModel(hf.config).eval()
-    lm.transformer.load_state_dict(hf.state_dict())
-    lm.save_pretrained(tmp_path, safe_serialization=True)
-    ours = load_pretrained(tmp_path)
-    ids, mask = pad_batch(random_token_lists(2, n=3, max_len=20))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids, mask)[mask.bool()],
-                                   hf(input_ids=ids, attention_mask=mask)
-                                   .last_hidden_state[mask.bool()], atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_pooling_on_padded_batch_equals_alone(pooling, attention):
@@ -109,31 +88,6 @@ def test_bidirectional_differs_from_causal_and_sees_the_future():
     # Changing the last token leaves the first token's causal state alone, not its bidirectional.
     torch.testing.assert_close(hc[0, 0], hc[1, 0])
     assert not torch.allclose(hb[0, 0], hb[1, 0])
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = random_model("gpt2-tiny", seed=7, pooling="weighted-mean", projection_dim=16)
-    save_checkpoint(model, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["pooling"] == "weighted-mean" and len(config["weights_sha256"]) == 64
-    loaded = load_pretrained(tmp_path)
-    assert loaded.config == model.config
-    ids, mask = pad_batch(random_token_lists(8, n=4, max_len=20))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.embed(ids, mask), model.embed(ids, mask))
-    _, spec, sha = load_model(str(tmp_path))
-    assert sha == config["weights_sha256"]
-
-
-def test_our_checkpoint_is_a_transformers_checkpoint(tmp_path):
-    model = random_model("gpt2-tiny", seed=9)
-    save_checkpoint(model, tmp_path)
-    hf = transformers.GPT2Model.from_pretrained(tmp_path).eval()
-    ids, mask = pad_batch(random_token_lists(10, n=3, max_len=20))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, mask)[mask.bool()],
-                                   hf(input_ids=ids, attention_mask=mask)
-                                   .last_hidden_state[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 def test_model_specs():

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.embed.encoder import Encoder
-from pipeline.parquet import load_vectors, read_manifest
+from pipeline.folder import IndexFolder
 from pipeline.search import merge_chunk_hits
 
 runner = CliRunner()
@@ -67,7 +67,7 @@ def build(tmp_path, name="idx", n=300, long_every=0, **kw):
 
 def test_stages_write_what_the_manifest_says(tmp_path):
     corpus, index = build(tmp_path, long_every=25)
-    manifest = read_manifest(index)
+    manifest = IndexFolder(index).manifest
     tok = manifest["tokenize"]
     assert tok["stats"]["empty_skipped"] == 6
     assert tok["stats"]["split_documents"] == 12
@@ -86,7 +86,7 @@ def test_stages_write_what_the_manifest_says(tmp_path):
     # Embeddings: unit vectors, equal to embedding each row's tokens directly.
     emb = manifest["embed"]
     assert emb["identity"]["model"] == "random:gpt2-tiny:0" and emb["dtype"] == "float32"
-    vectors = load_vectors(index)
+    vectors = IndexFolder(index).load_vectors()
     assert vectors.shape == (rows, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     enc = Encoder.load("random:gpt2-tiny", device="cpu")
@@ -106,7 +106,7 @@ def test_search_finds_the_topic_and_merges_windows(tmp_path):
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
     # Exact reference: the best document by brute force over all rows.
-    vectors = load_vectors(index)
+    vectors = IndexFolder(index).load_vectors()
     enc = Encoder.load("random:gpt2-tiny", device="cpu")
     q = enc.embed_texts(["rocket launch to orbit the moon"])[0]
     assert hits[0]["row"] == int(np.argmax(vectors @ q))
@@ -151,7 +151,7 @@ def test_float16_halves_the_vectors(tmp_path):
     for dtype in ("float32", "float16"):
         ok("tokenize", corpus, "--index", tmp_path / dtype, "--max-tokens", 64)
         ok("embed", "--index", tmp_path / dtype, "--dtype", dtype, *TINY)
-    v32, v16 = load_vectors(tmp_path / "float32"), load_vectors(tmp_path / "float16")
+    v32, v16 = (IndexFolder(tmp_path / d).load_vectors() for d in ("float32", "float16"))
     np.testing.assert_allclose(v16, v32, atol=2e-3)
     t16 = pq.read_table(tmp_path / "float16" / "embeddings" / "part-00000.parquet")
     assert str(t16.schema.field("embedding").type.value_type) == "halffloat"
@@ -228,13 +228,11 @@ def test_killed_embed_resumes_to_identical_result(tmp_path, sig):
     assert not list((tmp_path / "killed" / "embeddings").glob("*.tmp"))
     assert (tmp_path / "clean" / "index.faiss").read_bytes() == \
         (tmp_path / "killed" / "index.faiss").read_bytes()
-    rows = load_vectors(tmp_path / "killed").shape[0]
-    assert rows == read_manifest(tmp_path / "killed")["tokenize"]["stats"]["rows"] == 1500
+    rows = IndexFolder(tmp_path / "killed").load_vectors().shape[0]
+    assert rows == IndexFolder(tmp_path / "killed").manifest["tokenize"]["stats"]["rows"] == 1500
 
 
 def test_read_rows_across_row_groups_and_shards(tmp_path):
-    from pipeline.parquet import read_rows
-
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"document number {i}\n" for i in range(12000)))
     ok("tokenize", corpus, "--index", tmp_path / "i", "--shard-rows", 7000)
@@ -244,7 +242,8 @@ def test_read_rows_across_row_groups_and_shards(tmp_path):
     everything = [r for t in tables for r in t.select(["doc_id", "text"]).to_pylist()]
     # Shards of 4096 (the first), 7000 and 904 rows; row groups of 4096.
     rows = [11999, 0, 4095, 4096, 6999, 7000, 8191, 8192, 11095, 11096, 5, 4096]
-    assert read_rows(tmp_path / "i", rows, ("doc_id", "text")) == [everything[r] for r in rows]
+    read = IndexFolder(tmp_path / "i").read_rows(rows, ("doc_id", "text"))
+    assert read == [everything[r] for r in rows]
 
 
 def test_arrays_built_without_pa_array_equal_pa_arrays():
@@ -308,7 +307,7 @@ def test_several_workers_give_the_same_shards(tmp_path):
     ok("embed", "--index", tmp_path / "one", *TINY)
     ok("embed", "--index", tmp_path / "two", "--devices", "cpu,cpu",
        "--model", "random:gpt2-tiny")
-    manifest = read_manifest(tmp_path / "two")
+    manifest = IndexFolder(tmp_path / "two").manifest
     assert manifest["embed"]["device"] == "cpu,cpu"
     assert len(manifest["embed"]["shards"]) == 6
     for shard in sorted((tmp_path / "one" / "embeddings").glob("*.parquet")):
@@ -324,7 +323,7 @@ def test_first_token_shards_start_small_and_double(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} of a corpus\n" for i in range(45_000)))
     ok("tokenize", corpus, "--index", tmp_path / "idx", "--shard-rows", 12_000)
-    shards = read_manifest(tmp_path / "idx")["tokenize"]["shards"]
+    shards = IndexFolder(tmp_path / "idx").manifest["tokenize"]["shards"]
     first = FIRST_SHARD_ROWS
     assert [s["rows"] for s in shards] == [first, 2 * first, 12_000, 12_000,
                                            45_000 - 3 * first - 24_000]
@@ -343,7 +342,7 @@ def test_tokenize_with_embed_equals_the_two_stages(tmp_path):
     result = ok("tokenize", corpus, "--index", tmp_path / "both", *common, "--embed",
                 "--dtype", "float16", *TINY)
     assert "embedded" in result.stderr
-    staged, both = read_manifest(tmp_path / "staged"), read_manifest(tmp_path / "both")
+    staged, both = (IndexFolder(tmp_path / d).manifest for d in ("staged", "both"))
     assert both["tokenize"]["shards"] == staged["tokenize"]["shards"]
     assert len(both["embed"]["shards"]) == 7
     assert both["embed"]["shards"] == staged["embed"]["shards"]  # same bytes (sha256)
@@ -360,7 +359,7 @@ def test_tokenize_with_embed_equals_the_two_stages(tmp_path):
     result = ok("tokenize", corpus, "--index", tmp_path / "both", *common, "--embed",
                 "--dtype", "float16", *TINY)
     assert "current" in result.stderr
-    assert read_manifest(tmp_path / "both")["embed"]["shards"] == both["embed"]["shards"]
+    assert IndexFolder(tmp_path / "both").manifest["embed"]["shards"] == both["embed"]["shards"]
 
 
 def test_tokenize_with_embed_bad_input_leaves_nothing(tmp_path):
@@ -428,10 +427,10 @@ def test_killed_tokenize_with_embed_reruns_cleanly(tmp_path, sig):
     manifest = tmp_path / "i" / "manifest.json"
     assert not manifest.exists() or "embed" not in json.loads(manifest.read_text())
     ok(*args)
-    manifest = read_manifest(tmp_path / "i")
+    manifest = IndexFolder(tmp_path / "i").manifest
     assert len(manifest["embed"]["shards"]) == len(manifest["tokenize"]["shards"]) == 30
     assert not staging.exists() and not (tmp_path / "i" / "tokens.tmp").exists()
-    assert len(load_vectors(tmp_path / "i")) == manifest["tokenize"]["stats"]["rows"]
+    assert len(IndexFolder(tmp_path / "i").load_vectors()) == manifest["tokenize"]["stats"]["rows"]
 
 
 def test_tokenize_with_embed_reports_a_killed_tokenizer(tmp_path):
@@ -456,20 +455,21 @@ def test_tokenize_with_embed_reports_a_killed_tokenizer(tmp_path):
 def test_tokenize_with_embed_stops_at_once_on_an_embedding_error(tmp_path, monkeypatch):
     """An error on the embedding side while the tokenizer has filled the pipe: the child
     stops (its report is dropped), the error comes out, nothing is left behind."""
-    import pipeline.embed.stage as embed
+    from pipeline.embed.engines.local import LocalEngine
+    from pipeline.embed.overlap import run_tokenize_and_embed
     from pipeline.text.stage import TokenizeSettings
 
     def failing_embed(*args, **kwargs):
         time.sleep(3)  # the child fills the pipe meanwhile
         raise ValueError("disk full")
 
-    monkeypatch.setattr(embed, "embed_shards", failing_embed)
+    monkeypatch.setattr(LocalEngine, "run", failing_embed)
     corpus = tmp_path / "corpus.jsonl"
     make_corpus(corpus, 3000)
     started = time.time()
     with pytest.raises(ValueError, match="disk full"):
         settings = TokenizeSettings(max_tokens=64, overlap=8, shard_rows=50)
-        embed.run_tokenize_and_embed(corpus, tmp_path / "i", settings,
+        run_tokenize_and_embed(corpus, tmp_path / "i", settings,
                                      model="random:gpt2-tiny", device="cpu")
     assert time.time() - started < 20
     assert not (tmp_path / "i").exists() and not tokenize_children(tmp_path / "i")
@@ -482,8 +482,8 @@ def test_tokenize_with_embed_keeps_the_index_model(tmp_path):
     args = ["tokenize", corpus, "--index", tmp_path / "i", "--embed", "--device", "cpu",
             "--max-tokens", 64]
     ok(*args, "--model", "random:gpt2-tiny:1")
-    before = read_manifest(tmp_path / "i")["embed"]
+    before = IndexFolder(tmp_path / "i").manifest["embed"]
     result = ok(*args)
     assert "current" in result.stderr
-    after = read_manifest(tmp_path / "i")["embed"]
+    after = IndexFolder(tmp_path / "i").manifest["embed"]
     assert after["identity"] == before["identity"] and after["shards"] == before["shards"]

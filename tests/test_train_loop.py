@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import TrainError
-from pipeline.model.gpt2 import load_pretrained
+from pipeline.model.checkpoint import load_pretrained
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train
 

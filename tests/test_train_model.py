@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import TrainError
-from pipeline.model.gpt2 import load_pretrained
+from pipeline.model.checkpoint import load_pretrained
 from pipeline.train.model import build_model, embed_for_training
 
 

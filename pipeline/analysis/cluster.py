@@ -46,17 +46,8 @@ import pyarrow.parquet as pq
 from pipeline.analysis import report as rpt
 from pipeline.analysis.metrics import unit_rows
 from pipeline.errors import MissingExtra, UsageError, pip_install
-from pipeline.folder import sample_rows
-from pipeline.parquet import (
-    TOKENS_DIR,
-    atomic_write_json,
-    atomic_write_table,
-    iter_vector_shards,
-    read_rows,
-    require_embeddings,
-    token_shards,
-    total_rows,
-)
+from pipeline.folder import IndexFolder, sample_rows
+from pipeline.parquet import atomic_write_json, atomic_write_table
 
 log = logging.getLogger(__name__)
 
@@ -469,51 +460,53 @@ def _progress(total: int, desc: str, unit: str = "row"):
                 leave=False, disable=None)
 
 
-def unit_blocks(index_dir: Path, units: Units | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def unit_blocks(folder: IndexFolder, units: Units | None = None
+                ) -> Iterator[tuple[int, np.ndarray]]:
     """(first unit, unit vectors) per embedding shard, in order; units None: the rows."""
-    shards = iter_vector_shards(index_dir)
+    shards = folder.vector_shards()
     if units is None or not units.pooled:
         return ((first, unit_rows(vectors)) for first, vectors in shards)
     return pool_blocks(shards, units.bounds)
 
 
-def read_sample(index_dir: Path, units: Units, size: int,
+def read_sample(folder: IndexFolder, units: Units, size: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(sorted units, unit-length vectors) of a uniform random sample, shard by shard."""
     picked = sample_rows(len(units), size, seed)
     parts = []
     with _progress(len(units), "sample", unit=units.name[:-1]) as bar:
-        for first, vectors in unit_blocks(index_dir, units):
+        for first, vectors in unit_blocks(folder, units):
             lo, hi = np.searchsorted(picked, [first, first + len(vectors)])
             parts.append(vectors[picked[lo:hi] - first])
             bar.update(len(vectors))
     return picked, np.concatenate(parts)
 
 
-def assign_shards(index_dir: Path, units: Units,
+def assign_shards(folder: IndexFolder, units: Units,
                   centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid and its similarity for every unit, one shard at a time."""
     labels = np.empty(len(units), np.int32)
     sims = np.empty(len(units), np.float32)
     with _progress(len(units), "assign", unit=units.name[:-1]) as bar:
-        for first, vectors in unit_blocks(index_dir, units):
+        for first, vectors in unit_blocks(folder, units):
             end = first + len(vectors)
             labels[first:end], sims[first:end] = nearest_centroid(vectors, centroids)
             bar.update(len(vectors))
     return labels, sims
 
 
-def _token_columns(index_dir: Path, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
-    for shard in token_shards(require_embeddings(index_dir)):
-        yield shard["first_row"], pq.read_table(index_dir / TOKENS_DIR / shard["name"],
+def _token_columns(folder: IndexFolder, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    folder.require_embeddings()  # rows without vectors have no cluster
+    for shard in folder.token_shards:
+        yield shard["first_row"], pq.read_table(folder.tokens_dir / shard["name"],
                                                 columns=columns)
 
 
-def count_words(index_dir: Path, labels: np.ndarray, k: int) -> list[Counter]:
+def count_words(folder: IndexFolder, labels: np.ndarray, k: int) -> list[Counter]:
     """Word counts per cluster over every document's text, one token shard at a time."""
     counts = [Counter() for _ in range(k)]
     with _progress(len(labels), "words") as bar:
-        for first, table in _token_columns(index_dir, ["text"]):
+        for first, table in _token_columns(folder, ["text"]):
             texts = table["text"].to_pylist()
             for label, text in zip(labels[first: first + len(texts)].tolist(), texts,
                                    strict=True):
@@ -522,27 +515,27 @@ def count_words(index_dir: Path, labels: np.ndarray, k: int) -> list[Counter]:
     return counts
 
 
-def read_ids(index_dir: Path) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+def read_ids(folder: IndexFolder) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """doc_id and chunk of every row, in row order (for clusters.parquet)."""
-    table = pa.concat_tables(t for _, t in _token_columns(index_dir, ["doc_id", "chunk"]))
+    table = pa.concat_tables(t for _, t in _token_columns(folder, ["doc_id", "chunk"]))
     return table["doc_id"], table["chunk"]
 
 
-def near_duplicate_pairs(index_dir: Path, threshold: float, units: Units | None = None,
+def near_duplicate_pairs(folder: IndexFolder, threshold: float, units: Units | None = None,
                          limit: int = MAX_DUPLICATE_PAIRS):
     """All pairs of units (rows when units is None) with cosine >= threshold: every shard's
     units against themselves and each later shard's, so at most two shards are in memory.
     Raises if more than `limit` pairs turn up."""
-    manifest = require_embeddings(index_dir)
-    shards = token_shards(manifest)
+    folder.require_embeddings()
+    shards = folder.token_shards
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     total = 0
     n_blocks = len(shards) * (len(shards) + 1) // 2
     with _progress(n_blocks, "near-duplicates", unit="block") as bar:
-        for a, (first_a, query) in enumerate(unit_blocks(index_dir, units)):
+        for a, (first_a, query) in enumerate(unit_blocks(folder, units)):
             # The later blocks are streamed again rather than held: pooling a document needs
             # the shards before it, and the range searches cost far more than the rereads.
-            later = itertools.islice(unit_blocks(index_dir, units), a + 1, None)
+            later = itertools.islice(unit_blocks(folder, units), a + 1, None)
             for first_b, base in itertools.chain([(first_a, query)], later):
                 pairs = range_pairs(query, first_a, base, first_b, threshold)
                 total += len(pairs[0])
@@ -657,9 +650,10 @@ def check_options(k: int | str, sample: int, projection: str) -> int | None:
     return wanted_k
 
 
-def check_k(k: int, units: Units, sampled: int, index_dir: Path) -> None:
+def check_k(k: int, units: Units, sampled: int, folder: IndexFolder) -> None:
     if k > len(units):
-        raise UsageError(f"-k {k} is more than the {len(units):,} {units.name} of {index_dir}")
+        raise UsageError(f"-k {k} is more than the {len(units):,} {units.name} of "
+                         f"{folder.path}")
     if k > sampled:
         raise UsageError(f"-k {k} is more than the {sampled:,} sampled {units.name}: raise "
                          "--sample")
@@ -671,25 +665,23 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
     """Cluster an index folder's documents (with by_rows: its rows); write the cluster files
     and (with report_dir) the report. `near_duplicate_threshold` <= 0 skips the
     near-duplicate search. Returns a summary."""
-    index_dir = Path(index_dir)
+    folder = IndexFolder(index_dir)
     wanted_k = check_options(k, sample, projection)
     if report_dir is not None:
         rpt.require_report_extra()  # before the clustering, not after it
-    manifest = require_embeddings(index_dir)
-    n = total_rows(manifest)
-    out_dir = Path(report_dir) if report_dir is not None else index_dir / "clusters"
+    folder.require_embeddings()
+    out_dir = Path(report_dir) if report_dir is not None else folder.path / "clusters"
     seconds: dict[str, float] = {}
 
     with timed("sample", seconds):
-        units = make_units(*read_ids(index_dir), by_rows=by_rows)
-        sample_units, sample_vectors = read_sample(index_dir, units, sample, seed)
-    result = fit_clusters(index_dir, units, sample_vectors, wanted_k, seed, console, seconds)
+        units = make_units(*read_ids(folder), by_rows=by_rows)
+        sample_units, sample_vectors = read_sample(folder, units, sample, seed)
+    result = fit_clusters(folder, units, sample_vectors, wanted_k, seed, console, seconds)
     files = write_cluster_files(out_dir, cluster_table(units, result), result.centroids)
-    summary = make_summary(index_dir, units, result, seed, len(sample_units),
-                           manifest.get("embed", {}).get("identity", {}))
-    summary["rows"] = n
+    summary = make_summary(folder, units, result, seed, len(sample_units))
+    summary["rows"] = folder.rows
     if report_dir is not None:
-        report, written = write_report(index_dir, out_dir, units, result, sample_units,
+        report, written = write_report(folder, out_dir, units, result, sample_units,
                                        sample_vectors, near_duplicate_threshold, seed,
                                        projection, seconds)
         summary["near_duplicate_pairs"] = report.duplicate_pairs
@@ -703,18 +695,18 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
     return summary
 
 
-def fit_clusters(index_dir: Path, units: Units, sample_vectors: np.ndarray, k: int | None,
+def fit_clusters(folder: IndexFolder, units: Units, sample_vectors: np.ndarray, k: int | None,
                  seed: int, console, seconds: dict[str, float]) -> Clustering:
     """k (chosen when None), k-means on the sample, every unit assigned; clusters by size."""
     curve = None
     if k is None:
         with timed("choose k", seconds):
             k, curve = select_k(sample_vectors, seed, console, units.name)
-    check_k(k, units, len(sample_vectors), index_dir)
+    check_k(k, units, len(sample_vectors), folder)
     with timed("k-means", seconds):
         centroids = train_spherical_kmeans(sample_vectors, k, seed)
     with timed("assign", seconds):
-        labels, sims = assign_shards(index_dir, units, centroids)
+        labels, sims = assign_shards(folder, units, centroids)
     new_id = size_order(labels, k)
     return Clustering(centroids[np.argsort(new_id)], new_id[labels], sims, curve)
 
@@ -739,18 +731,18 @@ def write_cluster_files(out_dir: Path, table: pa.Table, centroids: np.ndarray) -
     return files
 
 
-def make_summary(index_dir: Path, units: Units, result: Clustering, seed: int, sampled: int,
-                 identity: dict) -> dict:
+def make_summary(folder: IndexFolder, units: Units, result: Clustering, seed: int,
+                 sampled: int) -> dict:
     """clusters.json, less the timings and files: n counts what was clustered."""
     return {
-        "index": str(index_dir), "clustered": units.name, "n": len(units),
+        "index": str(folder.path), "clustered": units.name, "n": len(units),
         "documents": units.documents, "rows": units.rows, "dim": result.centroids.shape[1],
         "k": result.k, "seed": seed, "sample": sampled, "niter": NITER,
         "gpu": faiss.get_num_gpus() > 0, "k_curve": result.curve,
         "sizes": result.sizes.tolist(),
         "cohesion": [None if math.isnan(c) else round(float(c), 5) for c in result.cohesion],
         "representatives": [r.tolist() for r in result.representatives()],
-        "vectors": identity,
+        "vectors": folder.embed.get("identity", {}),
     }
 
 
@@ -770,7 +762,7 @@ class Duplicates:
     closest: dict[int, float]  # per unit in a group, the similarity of its closest duplicate
 
 
-def write_report(index_dir: Path, out_dir: Path, units: Units, result: Clustering,
+def write_report(folder: IndexFolder, out_dir: Path, units: Units, result: Clustering,
                  sample_units: np.ndarray, sample_vectors: np.ndarray, threshold: float,
                  seed: int, projection: str, seconds: dict[str, float]
                  ) -> tuple[rpt.ClusterReport, dict[str, Path]]:
@@ -778,8 +770,8 @@ def write_report(index_dir: Path, out_dir: Path, units: Units, result: Clusterin
     duplicates = None
     if threshold > 0:
         with timed("near-duplicates", seconds):
-            duplicates = find_duplicates(index_dir, units, threshold)
-    report = build_report(index_dir, units, result, sample_units, sample_vectors, duplicates,
+            duplicates = find_duplicates(folder, units, threshold)
+    report = build_report(folder, units, result, sample_units, sample_vectors, duplicates,
                           seed, projection, seconds)
     files = {}
     if duplicates is not None:
@@ -791,8 +783,8 @@ def write_report(index_dir: Path, out_dir: Path, units: Units, result: Clusterin
     return report, files
 
 
-def find_duplicates(index_dir: Path, units: Units, threshold: float) -> Duplicates:
-    i, j, sims = near_duplicate_pairs(index_dir, threshold, units)
+def find_duplicates(folder: IndexFolder, units: Units, threshold: float) -> Duplicates:
+    i, j, sims = near_duplicate_pairs(folder, threshold, units)
     groups = group_pairs(i, j)
     lowest, highest, closest = group_similarities(groups, i, j, sims)
     return Duplicates(threshold, len(i), groups, lowest, highest, closest)
@@ -810,17 +802,17 @@ def duplicates_table(units: Units, duplicates: Duplicates) -> pa.Table:
     return pa.table(columns)
 
 
-def build_report(index_dir: Path, units: Units, result: Clustering, sample_units: np.ndarray,
+def build_report(folder: IndexFolder, units: Units, result: Clustering, sample_units: np.ndarray,
                  sample_vectors: np.ndarray, duplicates: Duplicates | None, seed: int,
                  projection: str, seconds: dict[str, float]) -> rpt.ClusterReport:
     """Everything the report shows."""
     with timed("words", seconds):
-        top_words = class_tfidf(count_words(index_dir, units.per_row(result.labels), result.k))
+        top_words = class_tfidf(count_words(folder, units.per_row(result.labels), result.k))
     representatives = result.representatives()
     shown = duplicates.groups[:DUPLICATE_GROUPS_SHOWN] if duplicates else []
     wanted_units = np.concatenate(representatives).tolist()
     wanted_units += [int(u) for g in shown for u in g[:REPRESENTATIVES]]
-    documents = read_documents(index_dir, units, wanted_units)
+    documents = read_documents(folder, units, wanted_units)
     neighbours = cluster_neighbours(result.centroids, NEIGHBOURS)
     cohesion = result.cohesion
     sections = [rpt.ClusterSection(
@@ -834,20 +826,20 @@ def build_report(index_dir: Path, units: Units, result: Clustering, sample_units
     with timed("plots", seconds):
         images, mapped = draw_plots(result, sample_units, sample_vectors, seed, projection,
                                     units.name)
-    facts = report_facts(index_dir, units, result, len(sample_units), mapped, seed, projection)
+    facts = report_facts(folder, units, result, len(sample_units), mapped, seed, projection)
     return rpt.ClusterReport(
-        title=f"Clusters of {index_dir.name}", n=len(units), dim=result.centroids.shape[1],
+        title=f"Clusters of {folder.path.name}", n=len(units), dim=result.centroids.shape[1],
         clusters=sections, duplicate_threshold=duplicates.threshold if duplicates else None,
         duplicate_pairs=duplicates.pairs if duplicates else 0, duplicate_groups=groups,
         duplicate_groups_total=len(duplicates.groups) if duplicates else 0,
         k_curve=result.curve, facts=facts, images=images, unit=units.name)
 
 
-def read_documents(index_dir: Path, units: Units, wanted_units: list[int]):
+def read_documents(folder: IndexFolder, units: Units, wanted_units: list[int]):
     """A function (unit, similarity) -> rpt.Document for the wanted units, whose texts are
     read here: a document shows its first window's text and its doc_id alone."""
     wanted = units.first_rows[wanted_units].tolist()
-    records = dict(zip(wanted_units, read_rows(index_dir, wanted), strict=True))
+    records = dict(zip(wanted_units, folder.read_rows(wanted), strict=True))
 
     def document(unit: int, similarity: float) -> rpt.Document:
         r = records[int(unit)]
@@ -874,10 +866,10 @@ def draw_plots(result: Clustering, sample_units: np.ndarray, sample_vectors: np.
     return images, len(on_map)
 
 
-def report_facts(index_dir: Path, units: Units, result: Clustering, sampled: int, mapped: int,
+def report_facts(folder: IndexFolder, units: Units, result: Clustering, sampled: int, mapped: int,
                  seed: int, projection: str) -> dict[str, str]:
     pooled = " (each the mean of its rows' vectors)" if units.pooled else ""
-    return {"index": str(index_dir), "clustered": units.name + pooled,
+    return {"index": str(folder.path), "clustered": units.name + pooled,
             "documents": f"{units.documents:,}", "rows": f"{units.rows:,}",
             "k": str(result.k),
             "k chosen by": "silhouette over a grid" if result.curve else "-k",

@@ -61,35 +61,49 @@ def embed(
                             batch_tokens=batch_tokens, overwrite=overwrite,
                             precision=precision, console=err_console,
                             devices=parse_devices(devices))
-        stats = section["stats"]
-        if stats["rows"] == 0:
+        if section["stats"]["rows"] == 0:
             err_console.print(f"embeddings in {index} are current: skipped")
         else:
-            err_console.print(f"embedded {stats['rows']:,} rows ({stats['tokens']:,} tokens) "
-                              f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
-                              f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
+            print_embedded(section["stats"])
         return
     from pipeline.embed.encoder import Encoder
 
     if sentence is not None:
         require_text(sentence, "--sentence")
-        enc = Encoder.load(model, device, pooling, precision)
-        vector = enc.embed_texts([sentence])[0]
-        typer.echo(json.dumps({"sentence": sentence, "embedding": vector.tolist(),
-                               "dimensions": int(vector.shape[0]), "model": enc.spec,
-                               "pooling": enc.pooling}))
-        return
-    if out is None:
+        print_sentence_json(Encoder.load(model, device, pooling, precision), sentence)
+    elif out is None:
         raise UsageError("--file needs --out vectors.parquet")
-    lines = read_lines(file)
-    rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    if not rows:
-        raise UsageError(f"{file} has no non-empty lines")
-    enc = Encoder.load(model, device, pooling, precision)
+    else:
+        embed_lines(file, out, lambda: Encoder.load(model, device, pooling, precision),
+                    batch_tokens)
+
+
+def print_embedded(stats: dict) -> None:
+    err_console.print(f"embedded {stats['rows']:,} rows ({stats['tokens']:,} tokens) "
+                      f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
+                      f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
+
+
+def print_sentence_json(encoder, sentence: str) -> None:
+    """The seed's `embed --sentence` output: one JSON object."""
+    vector = encoder.embed_texts([sentence])[0]
+    typer.echo(json.dumps({"sentence": sentence, "embedding": vector.tolist(),
+                           "dimensions": int(vector.shape[0]), "model": encoder.spec,
+                           "pooling": encoder.pooling}))
+
+
+def embed_lines(file: Path, out: Path, load_encoder, batch_tokens: int | None) -> None:
+    """`embed --file`: each non-empty line of `file` as a vector in the Parquet file `out`
+    (the encoder is loaded only once the file is known to hold text)."""
     from tqdm import tqdm
 
     from pipeline.parquet import write_vectors_table
 
+    lines = read_lines(file)
+    rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise UsageError(f"{file} has no non-empty lines")
+    enc = load_encoder()
     with tqdm(total=len(rows), unit="text", desc="embed", file=sys.stderr, delay=1) as bar:
         vectors = enc.embed_token_lists(enc.tokenizer.encode_batch([t for _, t in rows]),
                                         batch_tokens, progress=bar)
@@ -142,7 +156,7 @@ def tokenize(
     if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
         raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
     if embed:
-        from pipeline.embed.stage import run_tokenize_and_embed
+        from pipeline.embed.overlap import run_tokenize_and_embed
 
         result, section = run_tokenize_and_embed(
             corpus, index, settings, model=model, device=device, pooling=pooling, dtype=dtype,
@@ -152,21 +166,22 @@ def tokenize(
         # delay: a run that fails at once prints its one error line and no empty bar
         with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
             result = run_tokenize(corpus, index, settings, progress=bar, force=force)
+    print_tokenized(result, index)
+    if embed:
+        print_embedded(section["stats"])
+
+
+def print_tokenized(result: dict, index: Path) -> None:
     stats = result["stats"]
     if result.get("skipped"):
         err_console.print(f"tokens in {index} are current ({stats['rows']} rows): skipped")
-    else:
-        err_console.print(
-            f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
-            f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} "
-            f"shards) at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, "
-            f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
-            f"{stats['split_documents']} long documents", highlight=False)
-    if embed:
-        e = section["stats"]
-        err_console.print(f"embedded {e['rows']:,} rows ({e['tokens']:,} tokens) in "
-                          f"{e['seconds']:.1f} s: {e['tokens_per_s']:,.0f} tokens/s",
-                          highlight=False)
+        return
+    err_console.print(
+        f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
+        f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} "
+        f"shards) at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, "
+        f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
+        f"{stats['split_documents']} long documents", highlight=False)
 
 
 @app.command("build-index")

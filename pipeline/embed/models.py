@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pipeline.config import PRESETS
 from pipeline.errors import ModelSpecError
-from pipeline.model.gpt2 import GPT2Model, load_pretrained, random_model
+from pipeline.model.checkpoint import load_pretrained, random_model
+from pipeline.model.gpt2 import GPT2Model
 
 # The trained default model ships inside the package; until it exists, a seeded random preset.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"

@@ -1,28 +1,22 @@
-"""A GPT-2 encoder in PyTorch, nanoGPT-style: config, attention, MLP, block, model, pooling.
+"""A GPT-2 encoder in PyTorch, nanoGPT-style: attention, MLP, block, model, pooling, and the
+packed layout of the GPU path (PackedLayout, pool_packed).
 
 Parameter names follow Hugging Face's ``GPT2Model`` (``wte``, ``wpe``, ``h.{i}.attn.c_attn``,
-...), so a standard GPT-2 checkpoint folder loads with ``load_pretrained``. Hugging Face
-stores its four projection matrices as ``Conv1D`` (in, out); we use ``nn.Linear`` (out, in) and
-transpose on the way in and out, so our own checkpoints are also valid Hugging Face folders.
+...), so checkpoint.py reads and writes standard GPT-2 checkpoint folders with little renaming.
 
 Only what embeddings need is here: no LM head, KV cache or dropout at inference.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.config import ATTENTIONS, CONV1D_SUFFIXES, POOLINGS, PRESETS, GPT2Config  # noqa: F401 (PRESETS: for callers)
-from pipeline.errors import ModelSpecError
-from pipeline.hashing import file_sha256
+from pipeline.config import POOLINGS, GPT2Config
 from pipeline.model.fused import add_layer_norm
 
 
@@ -131,7 +125,7 @@ class GPT2Model(nn.Module):
     def __init__(self, cfg: GPT2Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg
-        # Weights about to be loaded (load_pretrained builds this on the meta device): the
+        # Weights about to be loaded (checkpoint.load_pretrained builds this on meta): the
         # embeddings skip torch's normal_ init, which even on meta took ~0.8 s the first time.
         empty = {} if init_weights else {"_weight": torch.empty(cfg.vocab_size, cfg.n_embd)}
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, **empty)
@@ -295,86 +289,3 @@ def pool_packed(x: torch.Tensor, seq_of_token: torch.Tensor, positions: torch.Te
         return out.scatter_reduce(0, seq_of_token[:, None].expand(-1, C), x.float(),
                                   "amax")[:n_seq]
     raise ValueError(f"unknown pooling {method!r}; choose from {', '.join(POOLINGS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: model.safetensors (Hugging Face GPT-2 layout) + config.json
-
-
-def to_hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.t() if name.endswith(CONV1D_SUFFIXES) else t
-        out[name] = t.detach().contiguous().cpu()
-    return out
-
-
-def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 names -> ours: drop the 'transformer.' prefix of LM-head checkpoints,
-    the causal-mask buffers and the LM head, and transpose the Conv1D weights."""
-    out = {}
-    for name, t in sd.items():
-        name = name.removeprefix("transformer.")
-        if name.startswith("lm_head") or name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        out[name] = t.t() if name.endswith(CONV1D_SUFFIXES) else t
-    return out
-
-
-def save_checkpoint(model: GPT2Model, folder: str | Path, dtype: torch.dtype | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write model.safetensors + config.json; config.json records the weights' sha256."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = to_hf_state_dict(model)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    weights = folder / "model.safetensors"
-    tmp = weights.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    tmp.replace(weights)
-    config = {"model_type": "gpt2", **asdict(model.config),
-              "tokenizer": "gpt2 (tiktoken r50k_base)",
-              "weights_sha256": file_sha256(weights), **(extra or {})}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
-
-
-def read_checkpoint(folder: str | Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
-    """The config and fp32 weights (our names) of a checkpoint folder: ours, or a Hugging Face
-    GPT-2 (config.json + model.safetensors). FileNotFoundError if it is not one."""
-    folder = Path(folder)
-    config_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder "
-                                "(config.json and model.safetensors expected)")
-    try:
-        cfg = GPT2Config.from_dict(json.loads(config_path.read_text()))
-    except ValueError as err:  # JSONDecodeError is one too
-        raise ModelSpecError(f"{config_path}: {err}") from None
-    sd = {k: v.float() for k, v in from_hf_state_dict(load_file(str(weights))).items()}
-    return cfg, sd
-
-
-def load_pretrained(folder: str | Path, **overrides) -> GPT2Model:
-    """Load a checkpoint folder (see read_checkpoint).
-
-    overrides replace config fields (e.g. attention="bidirectional") before building.
-    """
-    cfg, sd = read_checkpoint(folder)
-    cfg = replace(cfg, **overrides)
-    with torch.device("meta"):  # no memory, no init (torch's own took ~0.6 s for 124M, CPU)
-        model = GPT2Model(cfg, init_weights=False)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise ModelSpecError(f"{folder}: weights do not fit the config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-def random_model(preset: str, seed: int = 0, **overrides) -> GPT2Model:
-    """A preset with seeded random weights: the same (preset, seed) gives the same model."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    torch.manual_seed(seed)
-    return GPT2Model(replace(PRESETS[preset], **overrides)).eval()

@@ -33,7 +33,7 @@ class NotSupported(PipelineError):
 
 
 def read_weights(path: Path, cfg: GPT2Config) -> dict[str, np.ndarray]:
-    """model.safetensors -> our names (as model.from_hf_state_dict), Hugging Face layout.
+    """model.safetensors -> our names (as checkpoint.from_hf_state_dict), Hugging Face layout.
 
     Every weight is fp32 except the token embeddings, kept as stored (fp16 halves them) and
     converted by the rows a query uses. NotSupported if the names or shapes do not fit cfg.

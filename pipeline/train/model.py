@@ -11,7 +11,8 @@ import torch
 
 from pipeline.config import PRESETS, GPT2Config
 from pipeline.errors import TrainError
-from pipeline.model.gpt2 import GPT2Model, pool, read_checkpoint
+from pipeline.model.checkpoint import read_checkpoint
+from pipeline.model.gpt2 import GPT2Model, pool
 from pipeline.train.config import TrainConfig
 
 

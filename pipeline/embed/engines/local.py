@@ -22,7 +22,7 @@ from pipeline.embed.encoder import Encoder
 from pipeline.embed.engines import END
 from pipeline.embed.layout import Planner, plan_passes
 from pipeline.embed.shards import DTYPES, shard_tokens, write_embedding_shard
-from pipeline.parquet import EMBEDDINGS_DIR, TOKENS_DIR
+from pipeline.folder import EMBEDDINGS_DIR, TOKENS_DIR
 
 # Rows per row group of an embedding shard as it is written while the GPU works: the
 # vectors left to write once the GPU is done are at most about this many (and a forward
