@@ -107,3 +107,50 @@ def test_no_import_cycles_in_the_package():
 
     for module in sorted(graph):
         visit(module)
+
+
+def test_help_texts_keep_their_brackets():
+    """Typer renders help through rich markup: a `[umap]` in a help text must reach the
+    screen, not be read as a tag and dropped."""
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    commands = typer.main.get_command(app).commands
+    checked = 0
+    for name, command in commands.items():
+        shown = CliRunner().invoke(app, [name, "--help"], terminal_width=400,
+                                   env={"COLUMNS": "400"}).output
+        for param in command.params:
+            for bracketed in re.findall(r"\[[^\]\s]*\]", getattr(param, "help", None) or ""):
+                checked += 1
+                assert bracketed in shown, f"{name} {param.name}: {bracketed} is lost"
+    assert checked >= 2  # --model's random:PRESET[:SEED] and --projection's [umap] at least
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_help_paragraphs_flow_to_the_terminal_width(width):
+    """Each paragraph of a command's description is wrapped to the terminal, not cut where
+    the docstring's source lines end: at any width, no description line but a paragraph's
+    last is much shorter than the terminal."""
+    import inspect
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        doc = inspect.cleandoc(command.callback.__doc__ or "")
+        shown = CliRunner().invoke(app, [name, "--help"], terminal_width=width,
+                                   env={"COLUMNS": str(width)}).output
+        lines = "\n".join(line.rstrip() for line in shown.splitlines())  # rich pads lines
+        description = lines.split("\n\n", 2)[-1].split("╭")[0]  # after the usage line
+        for paragraph in description.strip("\n").split("\n\n"):
+            lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+            for line, after in zip(lines, lines[1:], strict=False):
+                # a wrapped line was full: the next word would not have fitted on it
+                assert len(line) + 1 + len(after.split()[0]) > width - 4, (name, line, doc)

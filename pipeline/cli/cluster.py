@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pipeline.cli.app import (
+    QUERY,
     IndexOption,
     app,
     err_console,
@@ -17,7 +19,7 @@ from pipeline.cli.app import (
 from pipeline.errors import pip_install
 
 
-@app.command()
+@app.command(rich_help_panel=QUERY)
 @user_errors
 def cluster(
     index: IndexOption,
@@ -35,7 +37,7 @@ def cluster(
     sample: Annotated[int, typer.Option(
         help="Documents (rows with --rows) k-means trains on (random sample).")] = 100_000,
     projection: Annotated[str, typer.Option(
-        help=f"2-D map: pca, or umap ({pip_install('umap')}).")] = "pca",
+        help=f"2-D map: pca, or umap ({escape(pip_install('umap'))}).")] = "pca",
     rows: Annotated[bool, typer.Option(
         "--rows", help="Cluster rows (each window of a long document on its own), not "
         "documents.")] = False,

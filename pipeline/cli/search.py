@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.app import (
+    QUERY,
     IndexOption,
     ModelOption,
     UsageError,
@@ -21,7 +22,7 @@ from pipeline.cli.app import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel=QUERY)
 @user_errors
 def search(
     query_text: Annotated[str | None, typer.Argument(metavar="QUERY", help="Text to look for.")]

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from pipeline.analysis import metrics as query
 from pipeline.cli.app import (
+    QUERY,
     DeviceOption,
     ModelOption,
     PoolingOption,
@@ -26,7 +27,7 @@ from pipeline.cli.app import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel=QUERY)
 @user_errors
 def similarity(
     sentence1: Annotated[str, typer.Option(help="First sentence.")],
@@ -61,7 +62,7 @@ def similarity(
         typer.echo(f"  {label:<21} {value:.4f} {query.METRIC_HINTS[name]}")
 
 
-@app.command("similarity-matrix")
+@app.command("similarity-matrix", rich_help_panel=QUERY)
 @user_errors
 def similarity_matrix(
     file: Annotated[Path | None, typer.Argument(help="Sentences, one per line.")] = None,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.app import (
+    BUILD,
     DeviceOption,
     IndexOption,
     ModelOption,
@@ -25,7 +26,7 @@ from pipeline.cli.app import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel=BUILD)
 @user_errors
 def embed(
     sentence: Annotated[str | None, typer.Option(help="Embed one sentence; print JSON.")] = None,
@@ -114,7 +115,7 @@ def embed_lines(file: Path, out: Path, load_encoder, batch_tokens: int | None) -
                          if len(lines) > len(rows) else ""))
 
 
-@app.command()
+@app.command(rich_help_panel=BUILD)
 @user_errors
 def tokenize(
     corpus: Annotated[str, typer.Argument(
@@ -145,8 +146,10 @@ def tokenize(
     devices: Annotated[str | None, typer.Option(
         help="With --embed: one thread per device, e.g. cuda:0,cuda:1, or 'all'.")] = None,
 ):
-    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/ (--embed: and
-    stage 2 at the same time)."""
+    """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/.
+
+    With --embed, stage 2 runs at the same time, each shard embedded as soon as it is written.
+    """
     from tqdm import tqdm
 
     from pipeline.text.stage import TokenizeSettings, run_tokenize
@@ -184,7 +187,7 @@ def print_tokenized(result: dict, index: Path) -> None:
         f"{stats['split_documents']} long documents", highlight=False)
 
 
-@app.command("build-index")
+@app.command("build-index", rich_help_panel=BUILD)
 @user_errors
 def build_index(
     index: IndexOption,

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import app, user_errors
+from pipeline.cli.app import BUILD, app, user_errors
 
 
-@app.command(name="fetch-ranks")
+@app.command(name="fetch-ranks", rich_help_panel=BUILD)
 @user_errors
 def fetch_ranks(
     out: Annotated[Path | None, typer.Option(
