@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import faiss  # noqa: E402
 
 from pipeline.analysis import cluster  # noqa: E402
-from pipeline.analysis.metrics import unit_rows  # noqa: E402
+from pipeline.analysis.metrics import adjusted_rand_index, unit_rows  # noqa: E402
 
 
 def clustered_vectors(n: int, dim: int, k: int, cosine: float, seed: int,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         labels[lo:hi], sims[lo:hi] = cluster.nearest_centroid(x[lo:hi], centroids)
     seconds["assign all"] = time.perf_counter() - start
 
-    ari = cluster.adjusted_rand_index(truth, labels)
+    ari = adjusted_rand_index(truth, labels)
     sizes = np.bincount(labels, minlength=args.k)
     print()
     print(f"{'phase':<34} {'seconds':>9} {'vectors/s':>12}")

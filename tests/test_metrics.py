@@ -69,3 +69,14 @@ def test_one_pearson_for_vectors_and_scores():
     assert evaluate.pearson is query.pearson  # evaluate's correlations use this one
     assert query.pearson(np.ones(5), np.arange(5)) == 0.0  # constant input: 0, not NaN
     assert query.higher_is_similar("cosine") and not query.higher_is_similar("manhattan")
+
+
+def test_adjusted_rand_index_hand_example():
+    # a = {0,1,2}{3,4,5}, b = {0,1}{2,3}{4,5}. Contingency [[2,1,0],[0,1,2]]:
+    # sum C(n_ij,2) = 1+1 = 2; rows C(3,2)*2 = 6; cols C(2,2)*3 = 3; C(6,2) = 15;
+    # expected = 6*3/15 = 1.2; max = (6+3)/2 = 4.5; ARI = (2-1.2)/(4.5-1.2) = 8/33.
+    assert query.adjusted_rand_index([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == \
+        pytest.approx(8 / 33)
+    assert query.adjusted_rand_index([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+    # Renaming clusters changes nothing.
+    assert query.adjusted_rand_index([0, 0, 1, 1, 2], [5, 5, 3, 3, 9]) == 1.0

@@ -312,25 +312,6 @@ def umap_2d(x: np.ndarray, seed: int) -> np.ndarray:
                      n_jobs=1).fit_transform(x)
 
 
-def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
-    """Hubert & Arabie's ARI of two labelings: 1 = same partition, ~0 = chance agreement."""
-    _, a = np.unique(np.asarray(a), return_inverse=True)
-    _, b = np.unique(np.asarray(b), return_inverse=True)
-    table = np.zeros((a.max() + 1, b.max() + 1), np.int64)
-    np.add.at(table, (a, b), 1)
-
-    def pairs(counts):
-        return float((counts * (counts - 1) // 2).sum())
-
-    index = pairs(table)
-    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
-    expected = rows * cols / pairs(np.array([len(a)]))
-    maximum = (rows + cols) / 2
-    if maximum == expected:  # both partitions trivial (one cluster, or all singletons)
-        return 1.0
-    return (index - expected) / (maximum - expected)
-
-
 # Words, not BPE pieces: a lowercase word may join letters, digits and inner hyphens
 # ("command-line", "x11", "python3"); it must start with a letter, so numbers drop out.
 WORD_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")

@@ -7,6 +7,8 @@ components. Our embeddings are L2-normalised, so the dot product equals the cosi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from pipeline.errors import UsageError
@@ -117,3 +119,22 @@ def similarity_matrix(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray
             out[i : i + block] = np.abs(x[i : i + block, None, :] - x[None, :, :]).sum(-1)
         return out
     raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+
+
+def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
+    """Hubert & Arabie's ARI of two labelings: 1 = same partition, ~0 = chance agreement."""
+    _, a = np.unique(np.asarray(a), return_inverse=True)
+    _, b = np.unique(np.asarray(b), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1), np.int64)
+    np.add.at(table, (a, b), 1)
+
+    def pairs(counts):
+        return float((counts * (counts - 1) // 2).sum())
+
+    index = pairs(table)
+    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(np.array([len(a)]))
+    maximum = (rows + cols) / 2
+    if maximum == expected:  # both partitions trivial (one cluster, or all singletons)
+        return 1.0
+    return (index - expected) / (maximum - expected)

@@ -192,13 +192,6 @@ def window_spans(n_tokens: int, max_tokens: int, overlap: int) -> list[tuple[int
         start += step
 
 
-def split_windows(
-    ids: Sequence[int], max_tokens: int, overlap: int
-) -> list[tuple[int, int, list[int]]]:
-    """(start, end, ids[start:end]) for each window of window_spans."""
-    return [(s, e, list(ids[s:e])) for s, e in window_spans(len(ids), max_tokens, overlap)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Offline fetch of the ranks file (used by `make setup`)
 
