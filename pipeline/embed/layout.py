@@ -2,7 +2,7 @@
 
 Pure numpy, no torch: `plan_passes` cuts a shard into forward passes and lays each out
 (`plan_layout`: short sequences packed into attention windows, the rest back to back); the
-encoder copies the layouts to the GPU as `model.PackedLayout`s (`gpu.layout_on_device`).
+encoder copies the layouts to the GPU as `model.gpt2.PackedLayout`s (`gpu.layout_on_device`).
 Packing is a Python loop, and Python work in a thread beside the ones launching GPU work holds
 the GIL they wait for at every op, so the embed stage plans in a process of its own
 (`Planner`), which this torch-free module keeps quick to start.

@@ -71,7 +71,7 @@ def state_sha256(weights: dict[str, np.ndarray]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The forward: model.py's, op for op
+# The forward: model/gpt2.py's, op for op
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
