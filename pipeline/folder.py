@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import lock
 from pipeline.errors import IndexFolderError
+from pipeline.hashing import file_sha256
 from pipeline.parquet import arrow_to_vectors, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -47,6 +49,63 @@ def identity_mismatch(recorded: dict | None, given: dict) -> str | None:
         if key in given and recorded.get(key) != given[key]:
             return key
     return None
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest, refused with one line naming the file if it is not one we wrote."""
+    repair = "rerun `pipeline tokenize --force` into this folder, or use a new --index"
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexFolderError(f"{path} is not valid JSON ({err}): {repair}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise IndexFolderError(f"{path} is damaged ({problem}): {repair}")
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with a manifest's shape (None: nothing), checked before any stage trusts
+    it: the keys every reader uses, with their types."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    tokenize = manifest.get("tokenize")
+    if not isinstance(tokenize, dict):
+        return "no tokenize section"
+    shards = tokenize.get("shards")
+    if not isinstance(shards, list) or not all(_is_record(s, TOKEN_RECORD) for s in shards):
+        return "tokenize.shards is not a list of shard records"
+    settings = tokenize.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("max_tokens"), int):
+        return "tokenize.settings.max_tokens is missing"
+    embed = manifest.get("embed", {})
+    if not isinstance(embed, dict):
+        return "embed is not an object"
+    done = embed.get("shards", {})
+    if not isinstance(done, dict) or not all(_is_record(r, EMBED_RECORD) for r in done.values()):
+        return "embed.shards is not a map of shard records"
+    if embed and not isinstance(embed.get("identity"), dict):
+        return "embed.identity is missing"
+    return None
+
+
+# The keys of a shard record, with their types.
+TOKEN_RECORD = {"name": str, "first_row": int, "rows": int, "sha256": str}
+EMBED_RECORD = {"rows": int, "sha256": str}
+
+
+def _is_record(record, keys: dict) -> bool:
+    return isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in keys.items())
+
+
+def check_shard(path: Path, record: dict, repair: str) -> None:
+    """Refuse a file whose bytes are not those its record (`sha256`) says were written;
+    `repair` tells the user which rerun makes it again."""
+    if not path.is_file():
+        raise IndexFolderError(f"{path} is missing: {repair}")
+    if file_sha256(path) != record.get("sha256"):
+        raise IndexFolderError(f"{path} is damaged (its sha256 is not the one recorded when it "
+                               f"was written): {repair}")
 
 
 class IndexFolder:
@@ -95,8 +154,27 @@ class IndexFolder:
         if not self.exists():
             raise IndexFolderError(f"{self.path} has no {MANIFEST}: run `pipeline tokenize` "
                                    "first")
-        self._manifest = json.loads(self.manifest_file.read_text())
-        return self._manifest
+        manifest = read_manifest(self.manifest_file)
+        self._manifest = manifest
+        return manifest
+
+    # -- locks (lock.py) ---------------------------------------------------------------------
+    def writing(self, command: str):
+        """A context that holds the folder for `command`, a writer: no other command reads
+        or writes it meanwhile (IndexBusy otherwise)."""
+        return lock.writing(self.path, command)
+
+    def reading(self):
+        """A context in which no other command writes the folder (IndexBusy otherwise)."""
+        return lock.reading(self.path)
+
+    def generation(self) -> str:
+        """Changes whenever a stage writes the folder: a hash of the manifest and index.json,
+        read now (a reader compares it with what it loaded)."""
+        digest = hashlib.sha256()
+        for path in (self.manifest_file, self.info_file):
+            digest.update(path.read_bytes() if path.is_file() else b"-")
+        return digest.hexdigest()
 
     def write_manifest(self, manifest: dict | None = None) -> Path:
         """Write `manifest` (default: the one held, changed in place) atomically."""

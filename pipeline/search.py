@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import UsageError
+from pipeline.errors import IndexFolderError, UsageError
 from pipeline.folder import IndexFolder
 from pipeline.model.numpy_forward import NotSupported, QueryEncoder
 
@@ -88,8 +88,17 @@ class Searcher:
         from pipeline.index.store import load_index
 
         self.folder = IndexFolder(index_dir)
-        self.encoder = load_search_encoder(self.folder, model, device, engine)
-        self.index, self.info = load_index(self.folder)
+        with self.folder.reading():
+            self.generation = self.folder.generation()
+            self.encoder = load_search_encoder(self.folder, model, device, engine)
+            self.index, self.info = load_index(self.folder)
+
+    def check_current(self) -> None:
+        """Refuse to answer from a folder written since it was loaded: the vectors held here
+        and the text read from disk would be of two generations. Call under `reading()`."""
+        if self.folder.generation() != self.generation:
+            raise IndexFolderError(f"{self.folder.path} was rewritten since this search loaded "
+                                   "it: search again")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors of `texts`, made as the index's own were."""
@@ -103,9 +112,12 @@ class Searcher:
             import faiss
 
             faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
-        merged = self.nearest_documents(self.embed(queries), k)
-        wanted = sorted({row for m in merged for row, _ in m})
-        records = dict(zip(wanted, self.folder.read_rows(wanted), strict=True))
+        vectors = self.embed(queries)
+        with self.folder.reading():  # the rows' text of the generation the index is of
+            self.check_current()
+            merged = self.nearest_documents(vectors, k)
+            wanted = sorted({row for m in merged for row, _ in m})
+            records = dict(zip(wanted, self.folder.read_rows(wanted), strict=True))
         return [[Hit(rank + 1, score, records[row]["doc_id"], records[row]["chunk"], row,
                      records[row]["text"]) for rank, (row, score) in enumerate(m)]
                 for m in merged]

@@ -62,7 +62,8 @@ def write_embedded_folder(index_dir: str | Path, vectors: np.ndarray, shard_rows
         token_records.append({"name": name, "first_row": lo, "rows": len(block),
                               "docs": len(block), "sha256": "x"})
         embed_records[name] = {"rows": len(block), "sha256": file_sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "tokenize": {"shards": token_records},
+    manifest = {"format_version": FORMAT_VERSION, "tokenize": {"shards": token_records,
+                                                         "settings": {"max_tokens": 256}},
                 "embed": {"identity": identity, "dtype": "float32", "shards": embed_records}}
     folder.write_manifest(manifest)
     return manifest

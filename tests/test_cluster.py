@@ -56,7 +56,8 @@ def write_index(folder: Path, doc_ids: list[str], texts: list[str], vectors: np.
         tokens.append({"name": name, "first_row": int(first), "rows": len(rows),
                        "docs": len(set(ids)), "sha256": "x"})
         embedded[name] = {"rows": len(rows), "sha256": "y"}
-    manifest = {"format_version": 1, "tokenize": {"shards": tokens},
+    manifest = {"format_version": 1,
+                "tokenize": {"shards": tokens, "settings": {"max_tokens": 256}},
                 "embed": {"identity": {"model": "synthetic"}, "dtype": "float32",
                           "shards": embedded}}
     (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_evaluate import PAIRS, write_pairs  # tests/ is on sys.path under pytest
@@ -163,3 +164,51 @@ def test_non_finite_gradient_skips_the_update(data, monkeypatch):
                         lambda obj, k, *a: (real(obj, k, *a)[0] * float("nan"), 1))
     with pytest.raises(TrainError, match="diverged"):
         train(tiny_config(data, "diverged", steps=30), progress=False)
+
+
+class TouchOnUnpickle:
+    """Unpickling this creates a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(data):
+    runner = CliRunner()
+    out, marker = data / "crafted", data / "pwned"
+    args = ["train", "--out", str(out), "--init", "gpt2-tiny", "--pairs",
+            str(data / "pairs.tsv"), "--steps", "2", "--pair-batch-size", "4", "--device",
+            "cpu", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    state = out / "last" / "state.pt"
+    torch.save({"optimizer": TouchOnUnpickle(marker), "step": 2, "best": None}, state)
+    result = runner.invoke(app, args)
+    assert not marker.exists()
+    assert_one_error_line(result, "state.pt")
+    state.write_bytes(b"not a checkpoint")  # a damaged one is refused the same way
+    assert_one_error_line(runner.invoke(app, args), "state.pt")
+
+
+def assert_one_error_line(result, needle):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_teacher_cache_is_never_unpickled(data):
+    from pipeline.train.objectives import teacher_targets
+
+    cache, marker = data / "cache", data / "pwned"
+    vectors = teacher_targets(SENTENCES, "random:gpt2-tiny:7", "cpu", cache)
+    (cached,) = cache.glob("teacher-*.npy")
+    # An object array unpickles its items; a damaged cache file is no better.
+    np.save(cached, np.array([TouchOnUnpickle(marker)], dtype=object), allow_pickle=True)
+    assert np.array_equal(teacher_targets(SENTENCES, "random:gpt2-tiny:7", "cpu", cache),
+                          vectors)  # recomputed, as if there were no cache
+    assert not marker.exists()
+    cached.write_bytes(b"damaged")
+    assert np.array_equal(teacher_targets(SENTENCES, "random:gpt2-tiny:7", "cpu", cache),
+                          vectors)

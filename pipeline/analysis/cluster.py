@@ -650,6 +650,15 @@ def run_cluster(index_dir: Path, k: int | str, report_dir: Path | None, seed: in
     wanted_k = check_options(k, sample, projection)
     if report_dir is not None:
         rpt.require_report_extra()  # before the clustering, not after it
+    with folder.reading():  # no stage rewrites the vectors or the text meanwhile
+        return cluster_folder(folder, wanted_k, report_dir, seed, near_duplicate_threshold,
+                              sample, console, projection, by_rows)
+
+
+def cluster_folder(folder: IndexFolder, wanted_k: int | None, report_dir: Path | None,
+                   seed: int, near_duplicate_threshold: float, sample: int, console,
+                   projection: str, by_rows: bool) -> dict:
+    """`run_cluster` once the folder is held."""
     folder.require_embeddings()
     out_dir = Path(report_dir) if report_dir is not None else folder.path / "clusters"
     seconds: dict[str, float] = {}

@@ -183,6 +183,7 @@ def print_tokenized(result: dict, index: Path) -> None:
         f"tokenized {stats['documents']:,} documents from {stats['files']} file(s) into "
         f"{stats['rows']:,} rows ({stats['tokens']:,} tokens, {len(result['shards'])} "
         f"shards) at {stats['mb_per_s']} MB/s; skipped {stats['empty_skipped']} empty, "
+        f"{stats.get('non_text_skipped', 0)} non-text, "
         f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
         f"{stats['split_documents']} long documents", highlight=False)
 

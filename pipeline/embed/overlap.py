@@ -97,11 +97,20 @@ def run_tokenize_and_embed(corpus: str | Path, index_dir: str | Path, settings,
     """
     check_dtype(dtype)
     folder = IndexFolder(index_dir)
+    existed = folder.path.exists()
+    with folder.writing("tokenize --embed"):  # the child tokenizes under this lock
+        return tokenize_and_embed(corpus, folder, existed, settings, model, device, pooling,
+                                  dtype, batch_tokens, precision, devices, force)
+
+
+def tokenize_and_embed(corpus, folder: IndexFolder, existed: bool, settings, model, device,
+                       pooling, dtype, batch_tokens, precision, devices, force
+                       ) -> tuple[dict, dict]:
+    """`run_tokenize_and_embed` once the folder is held."""
     if folder.exists():
         model = resumed_model(folder.manifest, model)
     staging = folder.path / (EMBEDDINGS_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    existed = folder.path.exists()
     started, timings, records = time.perf_counter(), new_timings(), {}
     # The child starts first, so its first shard is on the way while the model loads. (It
     # dies with the thread that starts it: call this from a thread that outlives the run.)

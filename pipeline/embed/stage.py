@@ -118,6 +118,17 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     """
     check_dtype(dtype)
     folder = IndexFolder(index_dir)
+    if not folder.exists():
+        raise IndexFolderError(f"{folder.path} has no token shards: run `pipeline tokenize` "
+                               "first")
+    with folder.writing("embed"):
+        return embed_folder(folder, model, device, pooling, dtype, batch_tokens, overwrite,
+                            precision, devices, encoders)
+
+
+def embed_folder(folder: IndexFolder, model, device, pooling, dtype, batch_tokens, overwrite,
+                 precision, devices, encoders) -> dict:
+    """`run_embed` once the folder is held."""
     shards = folder.token_shards
     if not shards:
         raise IndexFolderError(f"{folder.path} has no token shards: run `pipeline tokenize` "
@@ -137,8 +148,8 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
     todo = [s for s in shards if s["name"] not in done]
     total_rows = sum(s["rows"] for s in todo)
     started, timings = time.perf_counter(), new_timings()
-    n_tokens = embed_with_progress(folder, LocalEngine(folder.path, encoders, dtype, batch_tokens),
-                                   shard_queue(todo), total_rows, timings)
+    engine = LocalEngine(folder.path, encoders, dtype, batch_tokens)
+    n_tokens = embed_with_progress(folder, engine, shard_queue(todo), total_rows, timings)
     section["stats"] = {**embed_stats(total_rows, n_tokens, time.perf_counter() - started,
                                       timings), "skipped_shards": len(shards) - len(todo)}
     folder.write_manifest()

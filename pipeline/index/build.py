@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import IndexFolderError, IndexKeyError, UsageError
-from pipeline.folder import IndexFolder, sample_rows
+from pipeline.folder import IndexFolder, check_shard, sample_rows
 from pipeline.index import store
 from pipeline.index.choice import (
     ADD_BLOCK_ROWS,
@@ -158,7 +158,19 @@ def tune(index: faiss.Index, key: str, vectors: np.ndarray, k: int, target_recal
 
 def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
                     target_recall: float = 0.95, force: bool = False, console=None) -> dict:
-    """The build-index stage: embedding shards -> index.faiss + index.json in `index_dir`.
+    """The build-index stage: embedding shards -> index.faiss + index.json in `index_dir`,
+    with the folder held (no other command reads or writes it meanwhile)."""
+    folder = IndexFolder(index_dir)
+    if not folder.exists():
+        folder.require_embeddings()  # the one-line error, without making the folder
+    with folder.writing("build-index"):
+        return build_folder_index(index_dir, index_key=index_key, target_recall=target_recall,
+                                  force=force, console=console)
+
+
+def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
+                       target_recall: float = 0.95, force: bool = False, console=None) -> dict:
+    """`run_build_index` once the folder is held.
 
     Skips (returns the existing info, with "skipped": True) when index.json was built from the
     current embeddings with the same settings, unless `force`. `console` (rich) shows progress.
@@ -185,6 +197,7 @@ def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
 
         if index_key is not None:  # a bad key fails before the vectors are read
             make_index(folder.embedding_dim(), index_key)
+        check_embedding_shards(folder)
         vectors = folder.load_vectors()
         if len(vectors) != folder.rows:
             raise IndexFolderError(f"{folder.path}: embedding shards hold {len(vectors)} rows, "
@@ -194,6 +207,16 @@ def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
     if console is not None:
         console.print(summary_line(info, folder.index_file), highlight=False)
     return info
+
+
+def check_embedding_shards(folder: IndexFolder) -> None:
+    """Refuse to build from an embedding shard whose bytes are not those embed recorded. Such
+    an index would pass as current once embed repairs the shard: the repaired shard has the
+    recorded hash again, and "current" compares recorded hashes (store.source)."""
+    records = folder.embed["shards"]
+    repair = f"run `pipeline embed --index {folder.path}` to redo it"
+    for shard in folder.token_shards:
+        check_shard(folder.embeddings_dir / shard["name"], records[shard["name"]], repair)
 
 
 def summary_line(info: dict, index_path: Path) -> str:

@@ -108,7 +108,7 @@ def tokenize_child(job: str) -> None:
         with tqdm(unit="doc", desc="tokenize", file=sys.stderr, delay=1) as bar:
             section = run_tokenize(job["corpus"], job["index_dir"],
                                    TokenizeSettings(**job["settings"]), progress=bar,
-                                   force=job["force"],
+                                   force=job["force"], locked=True,  # by the parent
                                    on_shard=lambda record, table: conn.send(
                                        ("shard", record, table)))
         conn.send(("done", section))

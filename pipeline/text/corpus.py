@@ -5,18 +5,39 @@ Every document gets a stable id: the one the data gives (``--id-field``), else o
 from its file and line (``docs.txt:17``), so re-running over the same files gives the same ids.
 Undecodable bytes are replaced (U+FFFD) and counted; files that are not text at all are
 refused before anything is written.
+
+The rules for values (JSON Lines and Parquet; CSV/TSV cells are strings already):
+
+- A text field must be a string. A number is converted with str() (42 -> "42"); null, a
+  missing field or an empty string is an empty document (skipped and counted in
+  ``empty_skipped``); booleans, lists, objects and bytes are not text: the record is skipped
+  and counted in ``non_text_skipped``. A JSON Lines file in which no record has the field is
+  refused (a wrong ``--text-field``).
+- An id must be a string or an integer (converted with str: 7 and "7" are the same id); a
+  null, missing or empty id gives the derived FILE:LINE id; anything else is refused, naming
+  the record. Ids must be unique in the whole corpus: search merges the hits of one id, so a
+  repeated one would hide a document. A repeat is refused, naming both places.
+
+A CSV field may be quoted over several lines (RFC 4180); a quote that is never closed is
+refused, naming the line of the row it opens in. TSV has no quoting: a row is a line.
+
+A folder is read recursively, not following links to folders. A glob follows them, entering
+each real folder once, so a link loop (a/b/up -> a) ends there. Either way each real file is
+read once, under its real name where the corpus names it by that too.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import json
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +61,15 @@ class Document:
     text: str
 
 
+class Record(NamedTuple):
+    """A record as its file holds it, before the rules for text and ids (module docstring)."""
+
+    number: int  # in its file, from 1: a derived id is FILE:number
+    line: int | None  # the line it starts on, for messages; None in Parquet (rows, no lines)
+    text: object
+    doc_id: object = None  # None where the record has no id
+
+
 @dataclass
 class ReadStats:
     """Counts that end up in the summary and the manifest."""
@@ -47,6 +77,7 @@ class ReadStats:
     files: int = 0
     documents: int = 0
     empty_skipped: int = 0
+    non_text_skipped: int = 0  # records whose text is a boolean, list, object or bytes
     undecodable_replaced: int = 0  # records (lines/rows) in which bytes were replaced
     bytes_read: int = 0
     per_file: dict = field(default_factory=dict)
@@ -71,18 +102,104 @@ def resolve_corpus(spec: str | Path) -> tuple[list[Path], Path]:
     if path.is_file():
         return [path], path.parent
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and split_suffixes(p)[0] is not None
-                       and not p.name.startswith("."))
+        # rglob does not follow links to folders: a link loop cannot trap it.
+        files = drop_aliases(sorted(p for p in path.rglob("*")
+                                    if p.is_file() and split_suffixes(p)[0] is not None
+                                    and not p.name.startswith(".")))
         if not files:
             raise CorpusError(f"{spec}: folder holds no .txt/.jsonl/.csv/.tsv/.parquet files")
         return files, path
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if has_magic(spec):
+        files = drop_aliases(sorted(glob_files(spec)))
         if not files:
             raise CorpusError(f"{spec}: no files match")
         return files, Path(os.path.commonpath([str(f.parent) for f in files]))
     raise CorpusError(f"{spec}: no such file or folder")
+
+
+def has_magic(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def glob_files(spec: str) -> Iterator[Path]:
+    """The files a glob matches, by glob.glob's rules (a wildcard matches no hidden name, **
+    any depth of folders), except that ** enters each real folder once: glob.glob follows a
+    link loop 40 links deep, and each further loop doubles that walk."""
+    parts = Path(spec).parts
+    first = next(i for i, part in enumerate(parts) if has_magic(part))
+    yield from expand(Path(*parts[:first]), parts[first:])
+
+
+def expand(folder: Path, pattern: tuple[str, ...]) -> Iterator[Path]:
+    """The files under `folder` whose path below it matches `pattern`, one part per level."""
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        for sub in walk_folders(folder):
+            yield from expand(sub, rest or ("*",))  # a last ** matches every file below
+        return
+    if has_magic(head):
+        # As glob.glob: a hidden name only matches a part that starts with "." itself.
+        names = [e.name for e in list_folder(folder) if fnmatch.fnmatch(e.name, head)
+                 and (head.startswith(".") or not e.name.startswith("."))]
+    else:
+        names = [head]  # a plain part (even "..") names one entry, listed or not
+    for name in names:
+        path = folder / name
+        if rest and path.is_dir():
+            yield from expand(path, rest)
+        elif not rest and path.is_file():
+            yield path
+
+
+def walk_folders(top: Path) -> Iterator[Path]:
+    """`top` and the folders below it (no hidden ones), following links to folders but
+    entering each real folder, known by device and inode, once."""
+    seen = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = folder.stat()
+        except OSError:
+            continue  # a dangling link, or gone meanwhile
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        yield folder
+        subs = [folder / e.name for e in list_folder(folder)
+                if not e.name.startswith(".") and is_kind(e, "dir")]
+        stack.extend(reversed(subs))  # depth first, in name order
+
+
+def list_folder(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries by name; none where it cannot be read (glob.glob skips it too)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def is_kind(entry: os.DirEntry, kind: str) -> bool:
+    """Whether an entry is (or links to) a folder or a file."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
+
+
+def drop_aliases(files: list[Path]) -> list[Path]:
+    """Each real file once (two names for one file would read it twice, its ids repeated),
+    under its real name where that is one of them, so that a link added beside a file
+    leaves the file's ids as they were; sorted."""
+    real_first = sorted(files, key=lambda f: (f.resolve() != f.absolute(), f))
+    seen, kept = set(), []
+    for f in real_first:
+        info = f.stat()
+        if (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            kept.append(f)
+    return sorted(kept)
 
 
 def corpus_fingerprint(files: list[Path]) -> list[dict]:
@@ -117,7 +234,10 @@ def open_stream(path: Path, compression: str | None):
         raise CorpusError(f"{path}: cannot open ({err})") from None
 
 
-def iter_raw_lines(path: Path, compression: str | None, stats: ReadStats) -> Iterator[bytes]:
+def iter_raw_lines(path: Path, compression: str | None, stats: ReadStats,
+                   keep_ends: bool = False) -> Iterator[bytes]:
+    """The file's lines, without their line ends unless `keep_ends` (the csv module needs them
+    to keep the line breaks of a quoted field)."""
     stream = open_stream(path, compression)
     try:
         first = stream.read(SNIFF_BYTES)
@@ -132,7 +252,7 @@ def iter_raw_lines(path: Path, compression: str | None, stats: ReadStats) -> Ite
         pending = lines.pop()  # a partial last line waits for more bytes
         for line in lines:
             stats.bytes_read += len(line) + 1
-            yield line.rstrip(b"\r")
+            yield line + b"\n" if keep_ends else line.rstrip(b"\r")
         try:
             block = stream.read(1 << 20)
         except (pa.ArrowInvalid, OSError) as err:
@@ -142,15 +262,16 @@ def iter_raw_lines(path: Path, compression: str | None, stats: ReadStats) -> Ite
         pending += block
     if pending:
         stats.bytes_read += len(pending)
-        yield pending.rstrip(b"\r")
+        yield pending if keep_ends else pending.rstrip(b"\r")
 
 
-def read_text_file(path, compression, name, stats) -> Iterator[Document]:
+def read_text_file(path, compression, name, stats) -> Iterator[Record]:
     for line_no, raw in enumerate(iter_raw_lines(path, compression, stats), start=1):
-        yield Document(f"{name}:{line_no}", decode_line(raw, stats))
+        yield Record(line_no, line_no, decode_line(raw, stats))
 
 
-def read_jsonl_file(path, compression, name, stats, text_field, id_field) -> Iterator[Document]:
+def read_jsonl_file(path, compression, name, stats, text_field, id_field) -> Iterator[Record]:
+    has_field = has_records = False
     for line_no, raw in enumerate(iter_raw_lines(path, compression, stats), start=1):
         line = decode_line(raw, stats)
         if not line.strip():
@@ -159,22 +280,29 @@ def read_jsonl_file(path, compression, name, stats, text_field, id_field) -> Ite
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise CorpusError(f"{name}:{line_no}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise CorpusError(f"{name}:{line_no}: no field {text_field!r} "
-                              "(choose it with --text-field)")
-        text = record[text_field]
-        doc_id = record.get(id_field) if id_field else None
-        yield Document(str(doc_id) if doc_id is not None else f"{name}:{line_no}",
-                       "" if text is None else str(text))
+        if not isinstance(record, dict):
+            raise CorpusError(f"{name}:{line_no}: not a JSON object (a record is an object "
+                              f"with a field {text_field!r})")
+        has_records = True
+        has_field = has_field or text_field in record
+        yield Record(line_no, line_no, record.get(text_field),
+                     record.get(id_field) if id_field else None)
+    # A record without the field is an empty document; a file without it is the wrong field.
+    if has_records and not has_field:
+        raise CorpusError(f"{name}: no field {text_field!r} in any record "
+                          "(choose it with --text-field)")
 
 
 def read_delimited_file(path, compression, name, stats, text_field, id_field,
-                        delimiter) -> Iterator[Document]:
-    lines = (decode_line(raw, stats) for raw in iter_raw_lines(path, compression, stats))
-    # TSV has no quoting convention (a field may start with a quote); CSV follows RFC 4180.
-    reader = csv.reader(lines, delimiter=delimiter,
+                        delimiter) -> Iterator[Record]:
+    lines = (decode_line(raw, stats)
+             for raw in iter_raw_lines(path, compression, stats, keep_ends=True))
+    # TSV has no quoting convention (a field may start with a quote); CSV follows RFC 4180,
+    # strictly: a quote never closed is an error, not the rest of the file read as one field.
+    reader = csv.reader(lines, delimiter=delimiter, strict=True,
                         quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-    header = next(reader, None)
+    rows = numbered_rows(reader, name)
+    _, header = next(rows, (0, None))
     if header is None:
         return
     if text_field not in header:
@@ -182,15 +310,30 @@ def read_delimited_file(path, compression, name, stats, text_field, id_field,
                           "choose it with --text-column")
     text_at = header.index(text_field)
     id_at = header.index(id_field) if id_field and id_field in header else None
-    for row_no, row in enumerate(reader, start=1):
+    for row_no, (line_no, row) in enumerate(rows, start=1):
         if not row:
             continue
-        text = row[text_at] if text_at < len(row) else ""
-        doc_id = row[id_at] if id_at is not None and id_at < len(row) else f"{name}:{row_no}"
-        yield Document(doc_id, text)
+        yield Record(row_no, line_no, row[text_at] if text_at < len(row) else "",
+                     row[id_at] if id_at is not None and id_at < len(row) else None)
 
 
-def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Document]:
+def numbered_rows(reader, name: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line a row starts on, the row); a malformed row is one CorpusError naming it."""
+    while True:
+        line_no = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if "unexpected end of data" in str(err):
+                raise CorpusError(f"{name}:{line_no}: a quote opened in this row is never "
+                                  "closed (the rest of the file would be one field)") from None
+            raise CorpusError(f"{name}:{line_no}: malformed row ({err})") from None
+        yield line_no, row
+
+
+def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(str(path))
     except (pa.ArrowInvalid, OSError) as err:
@@ -207,29 +350,117 @@ def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Docum
         stats.bytes_read += batch.nbytes
         for text, doc_id in zip(texts, ids, strict=True):
             row_no += 1
-            yield Document(str(doc_id) if doc_id is not None else f"{name}:{row_no}",
-                           "" if text is None else str(text))
+            yield Record(row_no, None, text, doc_id)
+
+
+def read_records(path: Path, name: str, stats: ReadStats, text_field: str,
+                 id_field: str | None) -> Iterator[Record]:
+    fmt, compression = split_suffixes(path)
+    if fmt == "parquet":
+        return read_parquet_file(path, name, stats, text_field, id_field)
+    if fmt == "jsonl":
+        return read_jsonl_file(path, compression, name, stats, text_field, id_field)
+    if fmt in ("csv", "tsv"):
+        return read_delimited_file(path, compression, name, stats, text_field, id_field,
+                                   "\t" if fmt == "tsv" else ",")
+    return read_text_file(path, compression, name, stats)
+
+
+def place(name: str, record: Record) -> str:
+    """Where a record is, for messages: file:line, or file row N in Parquet."""
+    return f"{name}:{record.line}" if record.line is not None else f"{name} row {record.number}"
+
+
+def text_value(value: object) -> str | None:
+    """A text field's text; None where it holds no text (a boolean, list, object, bytes)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def id_value(value: object, name: str, record: Record) -> str | None:
+    """A given id as a string; None where there is none (null, missing or empty)."""
+    if isinstance(value, str) or value is None:
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise CorpusError(f"{place(name, record)}: the id {shown} is not a string or an integer "
+                      "(or give --id-field '' for FILE:LINE ids)")
+
+
+def document_id(name: str, record: Record) -> tuple[str, bool]:
+    """The record's id, and whether it is derived (FILE:N, where the record gives none)."""
+    given = id_value(record.doc_id, name, record)
+    return (f"{name}:{record.number}", True) if given is None else (given, False)
+
+
+def file_name(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def iter_documents(files: list[Path], root: Path, stats: ReadStats,
                    text_field: str = DEFAULT_TEXT_FIELD,
                    id_field: str | None = DEFAULT_ID_FIELD) -> Iterator[Document]:
-    """All documents of all files in order, counting files, documents and replaced bytes."""
+    """All documents of all files in order, counting files, documents, skipped records and
+    replaced bytes; a repeated id is a CorpusError."""
+    ids = IdCheck()
     for path in files:
-        fmt, compression = split_suffixes(path)
-        name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        name = file_name(path, root)
         stats.files += 1
         before = stats.documents
-        if fmt == "parquet":
-            docs = read_parquet_file(path, name, stats, text_field, id_field)
-        elif fmt == "jsonl":
-            docs = read_jsonl_file(path, compression, name, stats, text_field, id_field)
-        elif fmt in ("csv", "tsv"):
-            docs = read_delimited_file(path, compression, name, stats, text_field, id_field,
-                                       "\t" if fmt == "tsv" else ",")
-        else:
-            docs = read_text_file(path, compression, name, stats)
-        for doc in docs:
+        for record in read_records(path, name, stats, text_field, id_field):
             stats.documents += 1
-            yield doc
+            text = text_value(record.text)
+            if text is None:
+                stats.non_text_skipped += 1
+                continue
+            doc_id, derived = document_id(name, record)
+            if ids.may_repeat(doc_id, name, derived):
+                here = place(name, record)
+                first = first_place(files, root, doc_id, text_field, id_field)
+                if first != here:
+                    raise CorpusError(f"corpus has the id {json.dumps(doc_id)} twice: {first} "
+                                      f"and {here}: ids must be unique (give --id-field '' "
+                                      "for FILE:LINE ids)")
+            yield Document(doc_id, text)
         stats.per_file[name] = stats.documents - before
+
+
+class IdCheck:
+    """Tells which ids may have come before. The given ids are kept (a set of strings); the
+    derived ones (FILE:N) are not, since no two of them are the same: a given id may still
+    equal one, so the files that had derived ids are kept, to look whether it does."""
+
+    def __init__(self):
+        self.given: set[str] = set()
+        self.derived_in: set[str] = set()
+
+    def may_repeat(self, doc_id: str, name: str, derived: bool) -> bool:
+        if derived:
+            self.derived_in.add(name)
+            return doc_id in self.given
+        if doc_id in self.given:
+            return True
+        self.given.add(doc_id)
+        if not self.derived_in:
+            return False  # the common case: every record so far had its id
+        file, _, number = doc_id.rpartition(":")
+        return file in self.derived_in and number.isdigit()
+
+
+def first_place(files: list[Path], root: Path, doc_id: str, text_field: str,
+                id_field: str | None) -> str | None:
+    """Where a document with this id first occurs: read again from the start, which only a
+    repeated id (an error) or a given id shaped like a derived one costs."""
+    stats = ReadStats()
+    for path in files:
+        name = file_name(path, root)
+        for record in read_records(path, name, stats, text_field, id_field):
+            if text_value(record.text) is None:
+                continue
+            if document_id(name, record)[0] == doc_id:
+                return place(name, record)
+    return None

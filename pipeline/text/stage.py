@@ -1,7 +1,8 @@
 """Stage 1: corpus -> tokens/part-NNNNN.parquet + manifest.json.
 
 Documents stream through in batches (tiktoken encodes a batch on several threads) and leave as
-shards of at most `shard_rows` rows, so memory is bounded by the shard size, never the corpus.
+shards of at most `shard_rows` rows, so memory is bounded by the shard size (and the set of
+given ids, corpus.py), never the corpus.
 A document longer than `max_tokens` becomes several overlapping windows (rows with the same
 doc_id, chunk 0, 1, ... and their token span), never silently cut.
 
@@ -16,6 +17,7 @@ the old tokens.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -31,9 +33,20 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.errors import UsageError
-from pipeline.folder import FORMAT_VERSION, INDEX_FILE, INFO_FILE, IndexFolder, shard_name
+from pipeline.children import die_with_parent
+from pipeline.errors import IndexFolderError, UsageError
+from pipeline.folder import (
+    EMBEDDINGS_DIR,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    INFO_FILE,
+    MANIFEST,
+    TOKENS_DIR,
+    IndexFolder,
+    shard_name,
+)
 from pipeline.hashing import file_sha256
+from pipeline.lock import LOCK_FILE
 from pipeline.parquet import atomic_write_table, numpy_to_arrow, strings_to_arrow
 from pipeline.text.corpus import (
     DEFAULT_ID_FIELD,
@@ -156,48 +169,69 @@ def tokenize_section(files, settings: TokenizeSettings, tokenizer_name: str) -> 
 
 
 def is_current(folder: IndexFolder, section: dict) -> bool:
-    """Whether the folder's tokens were made from this corpus with these settings and are
-    all there."""
+    """Whether the folder's tokens were made from this corpus with these settings and are all
+    there with the bytes recorded (a damaged shard makes them not current: they are redone)."""
     if not folder.exists() or "tokenize" not in folder.manifest:
         return False
     old = folder.manifest["tokenize"]
     if any(old.get(k) != v for k, v in section.items()):
         return False
-    return all((folder.tokens_dir / s["name"]).is_file() for s in old.get("shards", []))
+    return all((path := folder.tokens_dir / s["name"]).is_file()
+               and file_sha256(path) == s["sha256"] for s in old["shards"])
 
 
 def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSettings,
-                 progress=None, force: bool = False, on_shard=None) -> dict:
+                 progress=None, force: bool = False, on_shard=None,
+                 locked: bool = False) -> dict:
     """Tokenize a corpus into an index folder; returns the manifest's tokenize section.
 
     `progress` is a tqdm-like object (update(n), set_postfix) or None. `on_shard(record,
     table)` is called with each shard as soon as it is written (the embed stage can start on
-    it: `pipeline tokenize --embed`); an exception it raises stops the stage.
+    it: `pipeline tokenize --embed`); an exception it raises stops the stage. `locked`: the
+    caller (the parent of this process) holds the folder's write lock already.
     """
     folder = IndexFolder(index_dir)
     files, root = resolve_corpus(corpus)
     section = tokenize_section(files, settings, Tokenizer.load().name)
-    if not force and is_current(folder, section):
-        return {**folder.manifest["tokenize"], "skipped": True}
-
     created = not folder.path.exists()
-    work = folder.path / (folder.tokens_dir.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
-                                                            progress, on_shard=on_shard)
-    except BaseException:
-        # Nothing half-written survives: the previous tokens (if any) stay as they were.
+    with contextlib.nullcontext() if locked else folder.writing("tokenize"):
+        refuse_foreign_folder(folder)
+        if not force and is_current(folder, section):
+            return {**folder.manifest["tokenize"], "skipped": True}
+        work = folder.path / (TOKENS_DIR + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
-        if created:
-            shutil.rmtree(folder.path, ignore_errors=True)
-        raise
-    swap_in_tokens(folder, work)
-    result = {**section, "shards": shards, "stats": tokenize_stats(stats, counts, seconds),
-              "versions": versions()}
-    folder.write_manifest({"format_version": FORMAT_VERSION, "tokenize": result})
+        work.mkdir(parents=True)
+        try:
+            shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
+                                                                progress, on_shard=on_shard)
+        except BaseException:
+            # Nothing half-written survives: the previous tokens (if any) stay as they were.
+            shutil.rmtree(work, ignore_errors=True)
+            if created:
+                shutil.rmtree(folder.path, ignore_errors=True)
+            raise
+        swap_in_tokens(folder, work)
+        result = {**section, "shards": shards, "stats": tokenize_stats(stats, counts, seconds),
+                  "versions": versions()}
+        folder.write_manifest({"format_version": FORMAT_VERSION, "tokenize": result})
     return result
+
+
+# What a folder holds before its first manifest: the lock, and a stage's work in progress.
+BEFORE_MANIFEST = {LOCK_FILE, TOKENS_DIR + ".tmp", EMBEDDINGS_DIR + ".tmp"}
+
+
+def refuse_foreign_folder(folder: IndexFolder) -> None:
+    """Refuse to write into a folder that holds files but no manifest: not one we made, and
+    the stage would delete its tokens/, embeddings/ and index files."""
+    if folder.exists() or not folder.path.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.path.iterdir() if p.name not in BEFORE_MANIFEST)
+    if foreign:
+        raise IndexFolderError(f"{folder.path} is not an index folder (it has no {MANIFEST} "
+                               f"but holds {', '.join(foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}): give --index a new "
+                               "or empty folder")
 
 
 def swap_in_tokens(folder: IndexFolder, work: Path) -> None:
@@ -213,6 +247,7 @@ def swap_in_tokens(folder: IndexFolder, work: Path) -> None:
 def tokenize_stats(stats: ReadStats, counts: dict, seconds: float) -> dict:
     return {"files": stats.files, "documents": stats.documents,
             "empty_skipped": stats.empty_skipped,
+            "non_text_skipped": stats.non_text_skipped,
             "undecodable_replaced": stats.undecodable_replaced,
             **counts, "bytes": stats.bytes_read, "seconds": round(seconds, 3),
             "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2)}
@@ -279,7 +314,10 @@ def encoded_batches(docs: Iterator[Document], settings: TokenizeSettings, stats:
     tiktoken holds the GIL, so threads alone leave cores idle), at most a few batches in
     flight so memory stays bounded.
     """
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    # Each worker dies with this process, even when it is SIGKILLed: none lives on, holding
+    # the folder's lock (inherited over fork) and racing the rerun.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         in_flight: collections.deque = collections.deque()
         batches = batched(docs, 2048)
         while True:
@@ -315,7 +353,8 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
     writer.close()
     if writer.rows == 0:
         raise CorpusError(f"{root}: no documents with text "
-                          f"({stats.documents} read, {stats.empty_skipped} empty)")
+                          f"({stats.documents} read, {stats.empty_skipped} empty, "
+                          f"{stats.non_text_skipped} not text)")
     counts = {"rows": writer.rows, "split_documents": split_docs, "tokens": n_tokens}
     return writer.shards, stats, counts, time.perf_counter() - started
 

@@ -1,14 +1,17 @@
 """The run folder: created or checked against the run it already holds, its last checkpoint
 (weights, optimizer, step) written so that a kill at any moment leaves one complete, and read
-back to resume."""
+back to resume. Nothing read back is unpickled: the weights are safetensors, state.pt is
+loaded with weights_only=True."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.errors import TrainError
@@ -27,8 +30,10 @@ def save_last(folder: Path, model: GPT2Model, optimizer: torch.optim.Optimizer, 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "best": best},
-               tmp / "state.pt")
+    # Plain types only (tensors, numbers, strings, lists, dicts): read_state loads it with
+    # weights_only=True.
+    torch.save({"optimizer": optimizer.state_dict(), "step": int(step),
+                "best": None if best is None else float(best)}, tmp / "state.pt")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -45,12 +50,46 @@ def find_last(out: Path) -> Path | None:
     return None
 
 
+def read_state(path: Path, device: torch.device) -> dict:
+    """The optimizer state, step and best score saved beside a checkpoint's weights.
+
+    The file lies in a folder the user gave: weights_only=True, so that it can hold tensors
+    and plain values only and a crafted one cannot run code while it is unpickled.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+        # Objects other than tensors and plain values, or a damaged or foreign file.
+        raise TrainError(f"{path} is not a checkpoint that can be resumed safely (only "
+                         "tensors and plain values are loaded, so that a crafted file cannot "
+                         "run code): use --restart or another --out") from None
+    if (not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict)
+            or type(state.get("step")) is not int
+            or not isinstance(state.get("best"), float | None)):
+        raise TrainError(f"{path} is not a checkpoint of `pipeline train` (it lacks the "
+                         "optimizer state, step or best score); use --restart or another --out")
+    return state
+
+
+def one_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_last(folder: Path, model: GPT2Model, optimizer: torch.optim.Optimizer,
               device: torch.device) -> tuple[int, float | None]:
     """Put a checkpoint's weights and optimizer state back; returns (step, best dev score)."""
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
-    model.load_state_dict(from_hf_state_dict(load_file(str(folder / "model.safetensors"))))
-    optimizer.load_state_dict(state["optimizer"])
+    state = read_state(folder / "state.pt", device)
+    weights = folder / "model.safetensors"
+    try:
+        model.load_state_dict(from_hf_state_dict(load_file(str(weights))))
+    except (OSError, SafetensorError, RuntimeError) as err:  # missing, damaged, other model
+        raise TrainError(f"{weights} cannot be resumed from ({one_line(err)}); use --restart "
+                         "or another --out") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as err:  # saved for other parameters
+        raise TrainError(f"{folder / 'state.pt'}: the optimizer state does not fit this model "
+                         f"({one_line(err)}); use --restart or another --out") from None
     return state["step"], state["best"]
 
 

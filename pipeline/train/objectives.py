@@ -55,11 +55,10 @@ def teacher_targets(texts: Sequence[str], teacher: str, device: str | None,
         digest.update(t.encode())
         digest.update(b"\n")
     path = Path(cache_dir) / f"teacher-{digest.hexdigest()[:20]}.npy"
-    if path.is_file():
-        vectors = np.load(path)
-        if len(vectors) == len(texts):
-            log.info("teacher vectors from %s", path)
-            return vectors
+    cached = read_cached_vectors(path, len(texts))
+    if cached is not None:
+        log.info("teacher vectors from %s", path)
+        return cached
     embed, name = load_embedder(teacher, device)
     start = time.perf_counter()
     vectors = embed(list(texts)).astype(np.float16)
@@ -69,6 +68,21 @@ def teacher_targets(texts: Sequence[str], teacher: str, device: str | None,
     tmp = path.with_name(path.stem + ".tmp.npy")
     np.save(tmp, vectors)
     tmp.replace(path)
+    return vectors
+
+
+def read_cached_vectors(path: Path, rows: int) -> np.ndarray | None:
+    """The cached (rows, D) vectors, or None where the cache lacks them. allow_pickle=False:
+    the cache folder is the user's, and a crafted .npy must not run code; one that does not
+    load (damaged, or object arrays) is recomputed, like a missing one."""
+    if not path.is_file():
+        return None
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    if vectors.ndim != 2 or len(vectors) != rows:
+        return None
     return vectors
 
 
