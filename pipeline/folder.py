@@ -284,9 +284,20 @@ class IndexFolder:
             lo, hi = shard["first_row"], shard["first_row"] + shard["rows"]
             local = wanted[(wanted >= lo) & (wanted < hi)] - lo
             if len(local):
-                parts.append(read_shard_rows(folder / shard["name"], local, columns))
+                parts.append(self._read_shard_rows(folder / shard["name"], local, columns))
         table = pa.concat_tables(parts)  # the rows of `wanted`, in order
         return table.take(pa.array(np.searchsorted(wanted, rows)))
+
+
+    def _read_shard_rows(self, path: Path, local: np.ndarray, columns: Sequence[str]
+                         ) -> pa.Table:
+        """read_shard_rows, a file that does not read as the shard recorded being one line."""
+        try:
+            return read_shard_rows(path, local, columns)
+        except (OSError, pa.ArrowException) as err:
+            stage = "tokenize CORPUS --force" if path.parent == self.tokens_dir else "embed"
+            raise IndexFolderError(f"cannot read {path} ({err}): it is damaged or missing: run "
+                                   f"`pipeline {stage} --index {self.path}`") from None
 
 
 def sample_rows(n: int, count: int, seed: int = 0) -> np.ndarray:

@@ -161,3 +161,41 @@ def test_bad_key_fails_before_writing(tmp_path):
         build.run_build_index(tmp_path, index_key="IVF,Flat")
     assert not (tmp_path / "index.faiss").exists() and not (tmp_path / "index.json").exists()
     assert IndexFolder(tmp_path).manifest["embed"]  # the folder is untouched
+
+
+def flip_middle_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 tells
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_or_missing_embedding_shard_is_refused(tmp_path):
+    write_embedded_folder(tmp_path, random_unit_vectors(2_000, 16, seed=18), shard_rows=700)
+    shard = tmp_path / "embeddings" / "part-00001.parquet"
+    flip_middle_byte(shard)  # a byte of a stored vector: Parquet reads it without complaint
+    with pytest.raises(IndexFolderError, match=f"{shard} is damaged.*run `pipeline embed "
+                                               f"--index {tmp_path}` to redo it"):
+        build.run_build_index(tmp_path)
+    shard.unlink()
+    with pytest.raises(IndexFolderError, match=f"{shard} is missing"):
+        build.run_build_index(tmp_path)
+    assert not (tmp_path / "index.faiss").exists() and not (tmp_path / "index.json").exists()
+
+
+def test_each_embedding_shard_is_hashed_once_per_build(tmp_path, monkeypatch):
+    write_embedded_folder(tmp_path, random_unit_vectors(2_000, 16, seed=19), shard_rows=700)
+    hashed = []
+    real = store.file_sha256
+
+    def counting(path):
+        hashed.append(path.name)
+        return real(path)
+
+    for module in ("pipeline.folder", "pipeline.index.store"):
+        monkeypatch.setattr(f"{module}.file_sha256", counting)
+    build.run_build_index(tmp_path)
+    shards = [f"part-{n:05d}.parquet" for n in range(3)]
+    assert sorted(hashed) == ["index.faiss.tmp", *shards]  # and the index, once, as written
+    hashed.clear()
+    assert build.run_build_index(tmp_path)["skipped"]
+    assert hashed == ["index.faiss"]  # current: the index file is checked, no shard read

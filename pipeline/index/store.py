@@ -1,21 +1,29 @@
-"""index.faiss and index.json in an index folder: written atomically, loaded only when they
-match the embeddings the manifest records now."""
+"""index.faiss and index.json in an index folder: written so that a failed build leaves the
+previous pair in use, loaded only when they match the embeddings the manifest records now and
+index.faiss has the sha256 index.json records."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from pipeline.errors import IndexFolderError, IndexKeyError
-from pipeline.folder import IndexFolder
+from pipeline.folder import IndexFolder, check_shard
+from pipeline.hashing import file_sha256
 from pipeline.index.choice import apply_params, faiss_reason
-from pipeline.parquet import atomic_write_json
 
-INDEX_FORMAT_VERSION = 1
+# 2: index.json records index.faiss's sha256 (version 1 only its size, and its builds did not
+# check the embedding shards' hashes), so a version 1 index is rebuilt, not trusted.
+INDEX_FORMAT_VERSION = 2
+
+
+def rebuild_hint(folder: IndexFolder) -> str:
+    return f"run `pipeline build-index --index {folder.path} --force`"
 
 
 def source(folder: IndexFolder) -> dict:
@@ -25,59 +33,96 @@ def source(folder: IndexFolder) -> dict:
 
 
 def current_info(folder: IndexFolder, settings: dict) -> dict | None:
-    """index.json if the index there was built from the current embeddings with `settings`."""
+    """index.json if the index there was built from the current embeddings with `settings`,
+    and index.faiss is the file it records (a damaged one is rebuilt, not kept)."""
     if not (folder.info_file.is_file() and folder.index_file.is_file()):
         return None
-    old = json.loads(folder.info_file.read_text())
+    try:
+        old = json.loads(folder.info_file.read_text())
+    except ValueError:  # a damaged index.json: rebuild
+        return None
     now = source(folder)
-    if old.get("settings") == settings and all(old.get(k) == v for k, v in now.items()):
-        return old
-    return None
+    if (old.get("format_version") != INDEX_FORMAT_VERSION or old.get("settings") != settings
+            or any(old.get(k) != v for k, v in now.items())):
+        return None
+    recorded = old.get("index_file") or {}
+    return old if file_sha256(folder.index_file) == recorded.get("sha256") else None
 
 
 def write_index(folder: IndexFolder, index: faiss.Index, info: dict) -> dict:
-    """index.faiss, then index.json (with what it was built from); returns that info."""
-    # No index.json while index.faiss is replaced: a crash in between leaves a folder that
-    # load_index and the skip check refuse, rather than a new index with old settings.
-    folder.info_file.unlink(missing_ok=True)
-    tmp = folder.index_file.with_name(folder.index_file.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder.index_file)
-    info = {"format_version": INDEX_FORMAT_VERSION, **info, **source(folder),
-            "index_file": {"name": folder.index_file.name,
-                           "bytes": folder.index_file.stat().st_size}}
-    atomic_write_json(info, folder.info_file)
+    """index.faiss and index.json (with what it was built from, and index.faiss's size and
+    sha256); returns that info.
+
+    Both are written in full as NAME.tmp beside the old pair before either is renamed over
+    it, so a write that fails (a full disk) leaves the previous index in use, and no .tmp
+    behind. A crash between the two renames leaves the new index.faiss beside the old
+    index.json, whose sha256 refuses it (load_index) and has it rebuilt (current_info).
+    """
+    index_tmp, info_tmp = tmp_path(folder.index_file), tmp_path(folder.info_file)
+    try:
+        write_synced(index_tmp, lambda path: faiss.write_index(index, str(path)))
+        info = {"format_version": INDEX_FORMAT_VERSION, **info, **source(folder),
+                "index_file": {"name": folder.index_file.name,
+                               "bytes": index_tmp.stat().st_size,
+                               "sha256": file_sha256(index_tmp)}}
+        write_synced(info_tmp, lambda path: path.write_text(json.dumps(info, indent=2) + "\n"))
+        os.replace(index_tmp, folder.index_file)
+        os.replace(info_tmp, folder.info_file)
+    finally:
+        index_tmp.unlink(missing_ok=True)
+        info_tmp.unlink(missing_ok=True)
     return info
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def write_synced(path: Path, write: Callable[[Path], object]) -> None:
+    """write(path), then fsync it; a failure (a full disk) is one line naming the file."""
+    try:
+        write(path)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:  # FAISS reports a failed fwrite as RuntimeError
+        reason = faiss_reason(err) if isinstance(err, RuntimeError) else err.strerror or err
+        raise IndexFolderError(f"cannot write {path}: {reason}") from None
 
 
 def read_index_info(folder: IndexFolder) -> dict:
     if not folder.info_file.is_file() or not folder.index_file.is_file():
         raise IndexFolderError(f"{folder.path} has no index: run `pipeline build-index --index "
                                f"{folder.path}`")
-    return json.loads(folder.info_file.read_text())
+    try:
+        return json.loads(folder.info_file.read_text())
+    except ValueError:
+        raise IndexFolderError(f"{folder.info_file} is not JSON: {rebuild_hint(folder)}") from None
 
 
 def load_index(folder: IndexFolder | str | Path) -> tuple[faiss.Index, dict]:
     """index.faiss with its tuned search parameters applied, and index.json.
 
     Refuses (IndexFolderError) an index built from other embeddings than the manifest's current
-    ones, or one whose file does not match its index.json.
+    ones, or one whose file is not the one its index.json records (size, then sha256).
     """
     folder = folder if isinstance(folder, IndexFolder) else IndexFolder(folder)
     info = read_index_info(folder)
-    rebuild = "run `pipeline build-index --force`"
+    rebuild = rebuild_hint(folder)
     if info.get("format_version") != INDEX_FORMAT_VERSION:
         raise IndexFolderError(f"{folder.info_file} has format version "
                                f"{info.get('format_version')}: {rebuild}")
     if any(info.get(k) != v for k, v in source(folder).items()):
         raise IndexFolderError(f"{folder.path}: index is stale (the embeddings changed since it "
-                               "was built): run `pipeline build-index`")
+                               f"was built): run `pipeline build-index --index {folder.path}`")
     if folder.index_file.stat().st_size != info["index_file"]["bytes"]:
         raise IndexFolderError(f"{folder.index_file} does not match {folder.info_file.name}: "
                                f"{rebuild}")
-    index = faiss.read_index(str(folder.index_file))
+    check_shard(folder.index_file, info["index_file"], rebuild)
+    try:
+        index = faiss.read_index(str(folder.index_file))
+    except RuntimeError as err:  # bytes FAISS cannot parse (another FAISS version's?)
+        raise IndexFolderError(f"cannot read {folder.index_file}: {faiss_reason(err)}: "
+                               f"{rebuild}") from None
     if (index.ntotal, index.d) != (info["n"], info["dim"]):
         raise IndexFolderError(f"{folder.index_file} holds {index.ntotal} x {index.d}, "
                                f"{folder.info_file.name} says {info['n']} x {info['dim']}: "

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.config import CONV1D_SUFFIXES, POOLINGS, GPT2Config
 from pipeline.errors import PipelineError
+from pipeline.hashing import file_sha256
 from pipeline.text.tokenizer import Tokenizer
 
 
@@ -135,7 +136,9 @@ class QueryEncoder:
         if pooling is not None and pooling not in POOLINGS:
             raise NotSupported(f"unknown pooling {pooling!r}")
         weights = read_weights(weights_path, cfg)
-        sha = config.get("weights_sha256") or state_sha256(weights)
+        # Computed, never read: other weights beside this config.json are another model.
+        sha = (file_sha256(weights_path) if config.get("weights_sha256")
+               else state_sha256(weights))
         return cls(cfg, weights, Tokenizer.load(), str(folder), sha, pooling or cfg.pooling)
 
     @property

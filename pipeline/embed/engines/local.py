@@ -22,7 +22,7 @@ from pipeline.embed.encoder import Encoder
 from pipeline.embed.engines import END
 from pipeline.embed.layout import Planner, plan_passes
 from pipeline.embed.shards import DTYPES, shard_tokens, write_embedding_shard
-from pipeline.folder import EMBEDDINGS_DIR, TOKENS_DIR
+from pipeline.folder import EMBEDDINGS_DIR, TOKENS_DIR, check_shard
 
 # Rows per row group of an embedding shard as it is written while the GPU works: the
 # vectors left to write once the GPU is done are at most about this many (and a forward
@@ -149,8 +149,11 @@ class LocalEngine:
     def _read(self, task):
         shard, table = task
         t = time.perf_counter()
-        if table is None:
-            table = pq.read_table(self.index_dir / TOKENS_DIR / shard["name"])
+        if table is None:  # from disk; a table handed over by `tokenize --embed` is fresh
+            path = self.index_dir / TOKENS_DIR / shard["name"]
+            check_shard(path, shard, f"run `pipeline tokenize CORPUS --index {self.index_dir} "
+                                     "--force`")
+            table = pq.read_table(path)
         values, offsets = shard_tokens(table)
         plan = self._plan(values, offsets) if self.packs else None
         self._timed("read_s", t)
