@@ -7,8 +7,9 @@ waits: a command that finds the folder busy stops at once with one line saying w
 so nobody is left staring at a silent terminal. The kernel drops a lock when its holder
 exits, however it ends (SIGKILL included): no stale lock files to clean up.
 
-Within one process the lock is taken once: a writer that calls another stage (tokenize --embed
-resuming as embed) or a reader inside a writer already holds what it needs.
+Within one thread the lock is taken once: a writer that calls another stage (tokenize --embed
+resuming as embed) or a reader inside a writer already holds what it needs. Other threads
+(a server's) take their own: shared locks on separate descriptors coexist.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import IndexBusy
 
 LOCK_FILE = ".lock"
-_held: dict[str, str] = {}  # real folder path -> "write" or "read", held by this process
+_local = threading.local()  # .held: real folder path -> "write" or "read", by this thread
+
+
+def _held() -> dict[str, str]:
+    if not hasattr(_local, "held"):
+        _local.held = {}
+    return _local.held
 
 
 def _key(folder: Path) -> str:
@@ -33,8 +41,8 @@ def _key(folder: Path) -> str:
 @contextlib.contextmanager
 def writing(folder: Path, command: str) -> Iterator[None]:
     """Hold `folder`'s exclusive lock (creating the folder if needed) while `command` runs."""
-    key = _key(folder)
-    if _held.get(key) == "write":
+    key, held = _key(folder), _held()
+    if held.get(key) == "write":
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,11 +54,11 @@ def writing(folder: Path, command: str) -> Iterator[None]:
             raise IndexBusy(busy_for_writer(folder, fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
-        _held[key] = "write"
+        held[key] = "write"
         try:
             yield
         finally:
-            del _held[key]
+            del held[key]
     finally:
         os.close(fd)  # releases the lock
 
@@ -59,8 +67,8 @@ def writing(folder: Path, command: str) -> Iterator[None]:
 def reading(folder: Path) -> Iterator[None]:
     """Hold `folder`'s shared lock: no writer changes it meanwhile. A folder that is not there
     (or not ours to lock) is left to the reader's own checks to refuse."""
-    key = _key(folder)
-    if key in _held or not folder.is_dir():
+    key, held = _key(folder), _held()
+    if key in held or not folder.is_dir():
         yield
         return
     try:
@@ -74,11 +82,11 @@ def reading(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             raise IndexBusy(f"{folder} is being written by {holder(fd)}: try again when it "
                             "ends") from None
-        _held[key] = "read"
+        held[key] = "read"
         try:
             yield
         finally:
-            del _held[key]
+            del held[key]
     finally:
         os.close(fd)
 

@@ -228,3 +228,38 @@ def test_search_names_an_unreadable_token_shard(tmp_path):
     shard.write_bytes(b"not parquet at all" * 10)
     line = one_error_line(cli("search", "bread", "--index", index))
     assert str(shard) in line and "pipeline tokenize CORPUS --force" in line
+
+
+def try_writing(folder: Path) -> int:
+    """Exit code of another process that tries to take the folder's write lock."""
+    code = ("import sys; from pathlib import Path; from pipeline import lock\n"
+            "with lock.writing(Path(sys.argv[1]), 'embed'):\n    pass")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT,
+                          capture_output=True).returncode
+
+
+def test_each_thread_holds_its_own_read_lock(tmp_path):
+    """A server's threads read at once: the first to finish must not release the others'."""
+    import threading
+
+    from pipeline import lock
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with lock.reading(folder):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(10)
+    with lock.reading(folder):
+        second_in.set()
+        first_out.wait(10)
+        assert try_writing(folder) != 0  # this thread still reads
+    thread.join()
+    assert try_writing(folder) == 0
