@@ -52,8 +52,9 @@ def writing(folder: Path, command: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise IndexBusy(busy_for_writer(folder, fd)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
+        with contextlib.suppress(OSError):  # a courtesy for others' messages: a full disk
+            os.ftruncate(fd, 0)             # must not stop the command holding the lock
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
         held[key] = "write"
         try:
             yield

@@ -47,7 +47,7 @@ from pipeline.analysis import report as rpt
 from pipeline.analysis.metrics import unit_rows
 from pipeline.errors import MissingExtra, UsageError, pip_install
 from pipeline.folder import IndexFolder, sample_rows
-from pipeline.parquet import atomic_write_json, atomic_write_table
+from pipeline.parquet import atomic_open, atomic_write_json, atomic_write_table
 
 log = logging.getLogger(__name__)
 
@@ -717,7 +717,8 @@ def write_cluster_files(out_dir: Path, table: pa.Table, centroids: np.ndarray) -
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"clusters": atomic_write_table(table, out_dir / CLUSTERS_FILE),
              "centroids": out_dir / CENTROIDS_FILE}
-    np.save(files["centroids"], centroids.astype(np.float32))
+    with atomic_open(files["centroids"]) as fh:  # a full disk leaves no half-written .npy
+        np.save(fh, centroids.astype(np.float32))
     return files
 
 

@@ -7,7 +7,7 @@ components. Our embeddings are L2-normalised, so the dot product equals the cosi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -98,27 +98,51 @@ def all_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def similarity_matrix(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray:
     """(N, N) matrix of `metric` between all rows, vectorised (no Python double loop)."""
+    x, sq = _matrix_inputs(vectors, metric)
+    return _rows_against_all(x, sq, 0, len(x), metric)
+
+
+def similarity_blocks(vectors: np.ndarray, metric: str = "cosine", block_rows: int = 1024
+                      ) -> Iterator[np.ndarray]:
+    """The rows of `similarity_matrix(vectors, metric)`, `block_rows` at a time, each block
+    against all columns: a matrix too large to hold is made (and written) a block at a time,
+    in memory of `block_rows` x N."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, not {block_rows}")
+    x, sq = _matrix_inputs(vectors, metric)
+    for lo in range(0, len(x), block_rows):
+        yield _rows_against_all(x, sq, lo, min(len(x), lo + block_rows), metric)
+
+
+def _matrix_inputs(vectors: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float64 rows a matrix is made of (unit rows for cosine, centred unit rows for
+    pearson) and, for euclidean, their squared lengths."""
+    if metric not in METRICS:
+        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     x = np.asarray(vectors, np.float64)
-    if metric == "dot":
-        return x @ x.T
+    if metric == "pearson":
+        x = x - x.mean(axis=1, keepdims=True)
     if metric in ("cosine", "pearson"):
-        if metric == "pearson":
-            x = x - x.mean(axis=1, keepdims=True)
         x = unit_rows(x, np.float64)
-        return x @ x.T
+    return x, (x * x).sum(1) if metric == "euclidean" else None
+
+
+def _rows_against_all(x: np.ndarray, sq: np.ndarray | None, lo: int, hi: int, metric: str
+                      ) -> np.ndarray:
+    """Rows lo..hi of the matrix of `metric` over the rows of x (from `_matrix_inputs`)."""
+    rows = x[lo:hi]
+    if metric in ("dot", "cosine", "pearson"):
+        return rows @ x.T
     if metric == "euclidean":
-        sq = (x * x).sum(1)
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
-        np.fill_diagonal(d2, 0)
+        d2 = np.maximum(sq[lo:hi, None] + sq[None, :] - 2 * rows @ x.T, 0)
+        d2[np.arange(hi - lo), np.arange(lo, hi)] = 0  # each row's own column: exactly 0
         return np.sqrt(d2)
-    if metric == "manhattan":
-        # Row blocks keep the (block, N, D) difference tensor near 64 MB.
-        out = np.empty((len(x), len(x)))
-        block = max(1, (1 << 23) // max(1, x.size))
-        for i in range(0, len(x), block):
-            out[i : i + block] = np.abs(x[i : i + block, None, :] - x[None, :, :]).sum(-1)
-        return out
-    raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    # manhattan: row blocks keep the (block, N, D) difference tensor near 64 MB.
+    out = np.empty((hi - lo, len(x)))
+    block = max(1, (1 << 23) // max(1, x.size))
+    for i in range(0, hi - lo, block):
+        out[i : i + block] = np.abs(rows[i : i + block, None, :] - x[None, :, :]).sum(-1)
+    return out
 
 
 def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import MissingExtra, pip_install
+from pipeline.parquet import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ hierarchical clustering, so groups of similar sentences show as blocks along the
 </tbody></table>"""
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    out_html.write_text(_page(title, body), encoding="utf-8")
+    atomic_write_bytes(_page(title, body).encode("utf-8"), out_html)
     log.info("wrote %s", out_html)
     return out_html
 
@@ -314,12 +315,12 @@ def write_cluster_report(report: ClusterReport, out_dir: Path) -> dict[str, Path
     written: dict[str, Path] = {}
     for name, png in report.images.items():
         path = out_dir / f"{name}.png"
-        path.write_bytes(png)
+        atomic_write_bytes(png, path)
         written[name] = path
     written["html"] = out_dir / "report.html"
-    written["html"].write_text(render_cluster_html(report), encoding="utf-8")
+    atomic_write_bytes(render_cluster_html(report).encode("utf-8"), written["html"])
     written["markdown"] = out_dir / "report.md"
-    written["markdown"].write_text(render_cluster_markdown(report), encoding="utf-8")
+    atomic_write_bytes(render_cluster_markdown(report).encode("utf-8"), written["markdown"])
     return written
 
 

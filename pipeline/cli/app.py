@@ -42,8 +42,9 @@ def print_error(message: str) -> None:
 
 
 def user_errors(fn):
-    """Turn the errors a user can cause (PipelineError) into `error: ...` and exit code 1,
-    without traceback; any other exception is a bug and keeps its traceback."""
+    """Turn the errors a user can cause (PipelineError, and a full disk wherever a write
+    meets it) into `error: ...` and exit code 1, without traceback; any other exception is a
+    bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,6 +52,19 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except PipelineError as err:
             print_error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise typer.Exit(code=1) from None
+        except (typer.Exit, typer.Abort):  # RuntimeErrors too: how a command ends on purpose
+            raise
+        except (OSError, RuntimeError) as err:
+            # A full disk is no bug, wherever the write was (a FAISS index, an np.save, the
+            # tokenizing child's report): one line naming the file. Imported only here:
+            # pyarrow is slow to import.
+            from pipeline.parquet import disk_full_error
+
+            full = disk_full_error(err)
+            if full is None:
+                raise
+            print_error(str(full))
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             # Finished shards are recorded; the rerun resumes after them.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -62,6 +64,24 @@ def similarity(
         typer.echo(f"  {label:<21} {value:.4f} {query.METRIC_HINTS[name]}")
 
 
+# The console shows the matrix of up to this many sentences: 50 make 2,500 scores, a few
+# blocks of columns of a screen or two each. Past it the scores are a wall nobody reads (and
+# 3,000 sentences took 114 s and 4.2 GB to print).
+CONSOLE_LIMIT = 50
+# --report draws the heatmap of up to this many: past it a row is under 3 pixels of the
+# 1,600-pixel image, no label fits, and the clustering that orders the rows grows with the
+# cube of their number (1,000: 2 s; 3,000: about a minute).
+HEATMAP_LIMIT = 500
+# --out writes the matrix of up to this many: 100 million scores, 0.8 GB of Parquet or 1 GB
+# of CSV. Past it the file is of little use, and the Parquet writer's memory is no longer
+# small: a column per sentence, whose metadata grows with the row groups times the columns
+# (10,000 sentences: 0.6 GB).
+OUT_LIMIT = 10_000
+# --out computes and writes this many bytes of scores at a time: a block of rows against
+# every column.
+BLOCK_BYTES = 32 << 20
+
+
 @app.command("similarity-matrix", rich_help_panel=QUERY)
 @user_errors
 def similarity_matrix(
@@ -72,10 +92,11 @@ def similarity_matrix(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     metric: Annotated[str, typer.Option(help=f"One of {', '.join(query.METRICS)}.")]
     = "cosine",
-    out: Annotated[Path | None, typer.Option(help="Write the matrix as .csv or .parquet.")]
-    = None,
+    out: Annotated[Path | None, typer.Option(
+        help=f"Write the matrix as .csv or .parquet (up to {OUT_LIMIT:,} sentences).")] = None,
     report: Annotated[Path | None, typer.Option(
-        help="Also write an HTML heatmap (rows reordered by hierarchical clustering).")] = None,
+        help="Also write an HTML heatmap (rows reordered by hierarchical clustering; up to "
+        f"{HEATMAP_LIMIT} sentences).")] = None,
     model: ModelOption = None,
     device: DeviceOption = None,
 ):
@@ -83,27 +104,51 @@ def similarity_matrix(
 
     The sentences are printed as a numbered legend, then the matrix by number alone, in as
     many blocks of columns as the terminal's width needs: every score is printed in full.
+
+    Up to 50 sentences are printed. The matrix of more is written with --out only, a block of
+    rows at a time, so that its memory stays bounded.
     """
     check_matrix_options(file, index, metric, out)
     if report is not None:
         from pipeline.analysis.report import require_report_extra
 
         require_report_extra(heatmap=True)  # before the model is loaded, not after
+
+    def check_size(n: int) -> None:
+        check_matrix_size(n, out, report)
+
     if file is not None:
-        sentences, vectors = file_sentences(file, model, device)
+        sentences, vectors = file_sentences(file, model, device, check_size)
     else:
-        sentences, vectors = index_sentences(index, sample, seed)
-    matrix = query.similarity_matrix(vectors, metric)
-    print_matrix(sentences, matrix, metric)
+        sentences, vectors = index_sentences(index, sample, seed, check_size)
+    show_and_write(sentences, vectors, metric, out, report)
+
+
+def show_and_write(sentences: list[str], vectors: np.ndarray, metric: str, out: Path | None,
+                   report: Path | None) -> None:
+    """The matrix printed (up to CONSOLE_LIMIT sentences), drawn (--report) and written
+    (--out). It is held whole only to be printed or drawn; --out alone makes and writes it a
+    block of rows at a time."""
+    n, shown = len(sentences), len(sentences) <= CONSOLE_LIMIT
+    matrix = query.similarity_matrix(vectors, metric) if shown or report is not None else None
+    if shown:
+        print_matrix(sentences, matrix, metric)
     if report is not None:
         from pipeline.analysis.report import run_similarity_report
 
         run_similarity_report(sentences, matrix, report, f"{metric} similarity",
                               higher_is_similar=query.higher_is_similar(metric))
         err_console.print(f"wrote heatmap to {report}")
+    unshown = "" if shown else f" (not shown: the console shows up to {CONSOLE_LIMIT} sentences)"
     if out is not None:
-        write_matrix(out, sentences, matrix)
-        err_console.print(f"wrote {len(sentences)}x{len(sentences)} {metric} matrix to {out}")
+        blocks = [matrix] if matrix is not None else query.similarity_blocks(
+            vectors, metric, block_rows(n))
+        write_matrix(out, sentences, blocks)
+        # soft_wrap: one line, however narrow the terminal (it wraps the line, not rich).
+        err_console.print(f"wrote {n}x{n} {metric} matrix to {out}{unshown}", soft_wrap=True)
+    elif not shown:
+        err_console.print(f"{n}x{n} {metric} matrix written to the heatmap only{unshown}",
+                          soft_wrap=True)
 
 
 def check_matrix_options(file: Path | None, index: Path | None, metric: str,
@@ -118,18 +163,42 @@ def check_matrix_options(file: Path | None, index: Path | None, metric: str,
         raise UsageError(f"--out {out}: no folder {out.parent}")
 
 
-def file_sentences(file: Path, model: str | None, device: str | None):
-    """The non-empty lines of FILE and their vectors."""
+def check_matrix_size(n: int, out: Path | None, report: Path | None) -> None:
+    """Refuse, before a vector is made, a matrix of n sentences that is too large for what was
+    asked: the console, a heatmap, a file."""
+    if report is not None and n > HEATMAP_LIMIT:
+        raise UsageError(f"--report draws at most {HEATMAP_LIMIT} sentences, not {n:,}: a "
+                         "heatmap of more is unreadable; sample fewer, or write the matrix "
+                         "with --out")
+    if out is not None and n > OUT_LIMIT:
+        raise UsageError(f"--out writes the matrix of at most {OUT_LIMIT:,} sentences, not "
+                         f"{n:,} ({n * n:,} scores)")
+    if n > CONSOLE_LIMIT and out is None and report is None:
+        raise UsageError(f"{n:,} sentences make a {n:,} x {n:,} matrix, too large to show (the "
+                         f"console shows up to {CONSOLE_LIMIT}): write it with --out "
+                         "matrix.parquet or --out matrix.csv")
+
+
+def block_rows(n: int) -> int:
+    """Rows of an n x n matrix of float64 that make BLOCK_BYTES (at least one)."""
+    return max(1, BLOCK_BYTES // (8 * max(1, n)))
+
+
+def file_sentences(file: Path, model: str | None, device: str | None,
+                   check_size: Callable[[int], None]):
+    """The non-empty lines of FILE and their vectors; `check_size` sees their number first."""
     sentences = [line for line in read_lines(file) if line.strip()]
     if len(sentences) < 2:
         raise UsageError(f"{file} needs at least two non-empty lines")
+    check_size(len(sentences))  # before the model is loaded
     from pipeline.embed.encoder import Encoder
 
     return sentences, Encoder.load(model, device).embed_texts(sentences)
 
 
-def index_sentences(index: Path, sample: int, seed: int):
-    """The texts and vectors of `sample` rows of an index, drawn with `seed`."""
+def index_sentences(index: Path, sample: int, seed: int, check_size: Callable[[int], None]):
+    """The texts and vectors of `sample` rows of an index, drawn with `seed`; `check_size`
+    sees their number first."""
     from pipeline.folder import IndexFolder
 
     if sample < 2:
@@ -138,6 +207,7 @@ def index_sentences(index: Path, sample: int, seed: int):
     folder.require_embeddings()
     # Only the sampled rows are read, not every vector of the index.
     rows = folder.sample_rows(sample, seed)
+    check_size(len(rows))
     sentences = [r["text"] for r in folder.read_rows(rows, ("text",))]
     vectors = folder.vectors_at(rows)
     return sentences, vectors
@@ -199,22 +269,45 @@ def cell_styles(matrix, higher_is_similar: bool) -> list[list[str]]:
     return styles
 
 
-def write_matrix(out: Path, sentences: list[str], matrix) -> None:
+def write_matrix(out: Path, sentences: list[str], blocks: Iterable[np.ndarray]) -> None:
+    """The matrix as a sentence column then s1..sN, from `blocks` (its rows in order, each
+    block against every column), written a block at a time to a temp file renamed at the end
+    (removed on an error: a full disk leaves no half-written matrix)."""
+    names = [f"s{j + 1}" for j in range(len(sentences))]
+    if out.suffix == ".parquet":
+        write_matrix_parquet(out, sentences, names, blocks)
+    else:
+        write_matrix_csv(out, sentences, names, blocks)
+
+
+def write_matrix_parquet(out: Path, sentences: list[str], names: list[str],
+                         blocks: Iterable[np.ndarray]) -> None:
     import pyarrow as pa
 
-    from pipeline.parquet import atomic_write_table
+    from pipeline.parquet import atomic_table_writer, numpy_to_arrow, strings_to_arrow
 
-    columns = {"sentence": sentences}
-    columns.update({f"s{j + 1}": matrix[:, j].tolist() for j in range(len(sentences))})
-    if out.suffix == ".parquet":
-        atomic_write_table(pa.table(columns), out)
-        return
+    schema = pa.schema([("sentence", pa.string()), *((name, pa.float64()) for name in names)])
+    first = 0
+    with atomic_table_writer(out, plain_columns=names) as write:
+        for block in blocks:
+            columns = np.ascontiguousarray(block.T)  # each column's scores side by side
+            arrays = [strings_to_arrow(sentences[first:first + len(block)]),
+                      *map(numpy_to_arrow, columns)]
+            write(pa.Table.from_arrays(arrays, schema=schema))  # a row group per block
+            first += len(block)
+
+
+def write_matrix_csv(out: Path, sentences: list[str], names: list[str],
+                     blocks: Iterable[np.ndarray]) -> None:
     import csv
 
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    from pipeline.parquet import atomic_open
+
+    first = 0
+    with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["sentence", *[f"s{j + 1}" for j in range(len(sentences))]])
-        for i, sentence in enumerate(sentences):
-            writer.writerow([sentence, *[f"{v:.6f}" for v in matrix[i]]])
-    tmp.replace(out)
+        writer.writerow(["sentence", *names])
+        for block in blocks:
+            for sentence, row in zip(sentences[first:first + len(block)], block, strict=True):
+                writer.writerow([sentence, *(f"{v:.6f}" for v in row.tolist())])
+            first += len(block)

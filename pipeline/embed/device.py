@@ -11,21 +11,33 @@ from pipeline.errors import UsageError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+# The device types an encoder runs on. torch knows more (mps, xpu, meta, ...), but ours fail
+# there deep in torch, with a traceback, or (meta) compute nothing.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def available_devices() -> list[str]:
+    """The --device names this machine takes: cpu, then cuda:N for each GPU."""
+    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """`name` (cpu, cuda, cuda:N), or CUDA where there is a GPU, else the CPU. "cuda" becomes
     the current GPU by number, so that every encoder names its GPU the same way."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:  # torch's message lists every device type it knows
-        raise UsageError(f"unknown device {name!r}: expected cpu, cuda or cuda:N") from None
+    except RuntimeError:  # not a device name at all ("bogus", "cuda:x")
+        device = None
+    here = f"devices here: {', '.join(available_devices())}"
+    if device is None or device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {name}: not a device we run on; {here}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device here")
+            raise UsageError(f"--device {name}: no CUDA device here; {here}")
         if device.index is None:  # "cuda": the current GPU, by number
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: no such GPU; {here}")
     return device
 
 

@@ -170,7 +170,9 @@ def embed_with_progress(folder: IndexFolder, engine: LocalEngine, tasks: queue.Q
         folder.write_manifest()
         written[0] += record["rows"]
         rate = written[0] / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(written=f"{rate:,.0f} doc/s")
+        # refresh=False: a bar drawn before tqdm counts it as shown would skip its closing
+        # newline, and an error would print on the bar's line
+        bar.set_postfix(written=f"{rate:,.0f} doc/s", refresh=False)
 
     with tqdm(total=total_rows, unit="doc", desc=f"embed {folder.path.name}", smoothing=0.1,
               delay=1, disable=total_rows == 0) as bar:

@@ -16,6 +16,7 @@ from pipeline.errors import IndexFolderError, IndexKeyError
 from pipeline.folder import IndexFolder, check_shard
 from pipeline.hashing import file_sha256
 from pipeline.index.choice import apply_params, faiss_reason
+from pipeline.parquet import disk_full, is_disk_full
 
 # 2: index.json records index.faiss's sha256 (version 1 only its size, and its builds did not
 # check the embedding shards' hashes), so a version 1 index is rebuilt, not trusted.
@@ -85,6 +86,8 @@ def write_synced(path: Path, write: Callable[[Path], object]) -> None:
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
     except (OSError, RuntimeError) as err:  # FAISS reports a failed fwrite as RuntimeError
+        if is_disk_full(err):
+            raise disk_full(path, err) from None
         reason = faiss_reason(err) if isinstance(err, RuntimeError) else err.strerror or err
         raise IndexFolderError(f"cannot write {path}: {reason}") from None
 
