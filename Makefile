@@ -147,3 +147,18 @@ eval: $(TRAIN_DEPS) $(RANKS)
 	    --data data_sets/test.tsv --threshold-data data_sets/dev.tsv \
 	    $(if $(TRAIN_DEVICE),--device $(TRAIN_DEVICE),) --save $(EVAL_MODEL)/eval_test.json
 # --- end training ---
+
+# --- serve ---
+# make serve [NAME=default] [SERVE_OPTS="--port 8000 --api-key KEY ..."]: the search API and
+# page over indexes/NAME on http://127.0.0.1:8000/ (pipeline serve --help).
+SERVE_OPTS ?=
+SERVE_DEPS := $(VENV)/.serve-installed
+
+$(SERVE_DEPS): $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[serve]"
+	touch $@
+
+.PHONY: serve
+serve: $(SERVE_DEPS) $(RANKS)
+	$(PIPELINE) serve --index indexes/$(NAME) $(SERVE_OPTS)
+# --- end serve ---

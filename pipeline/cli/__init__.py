@@ -3,6 +3,7 @@ group of commands, each registering its commands on the app when imported."""
 
 import inspect
 
+import pipeline.cli.serve  # noqa: F401 (it registers `pipeline serve`)
 from pipeline.cli import cluster, search, similarity, stages, tokenizer  # noqa: F401 (they register)
 from pipeline.cli.app import BUILD, MODEL, QUERY, app
 from pipeline.cli.train import register
