@@ -115,6 +115,9 @@ class IndexFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._manifest: dict | None = None
+        # Shard footers, by path: read once per object. A reader that outlives a rewrite of
+        # the folder refuses it (Searcher.check_current) before reading rows again.
+        self._footers: dict[Path, pq.FileMetaData] = {}
 
     def __repr__(self) -> str:
         return f"IndexFolder({str(self.path)!r})"
@@ -293,7 +296,10 @@ class IndexFolder:
                          ) -> pa.Table:
         """read_shard_rows, a file that does not read as the shard recorded being one line."""
         try:
-            return read_shard_rows(path, local, columns)
+            if path not in self._footers:  # parsed once, not per search
+                self._footers[path] = pq.read_metadata(path)
+            with pq.ParquetFile(path, metadata=self._footers[path]) as pf:
+                return read_shard_rows(pf, local, columns)
         except (OSError, pa.ArrowException) as err:
             stage = "tokenize CORPUS --force" if path.parent == self.tokens_dir else "embed"
             raise IndexFolderError(f"cannot read {path} ({err}): it is damaged or missing: run "
@@ -306,10 +312,10 @@ def sample_rows(n: int, count: int, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(count, n), replace=False)).astype(np.int64)
 
 
-def read_shard_rows(path: Path, local_rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+def read_shard_rows(pf: pq.ParquetFile, local_rows: np.ndarray, columns: Sequence[str]
+                    ) -> pa.Table:
     """`columns` of rows (sorted, distinct, within the file) of one Parquet shard, in that
     order, reading only the row groups that hold them: search stays fast on big shards."""
-    pf = pq.ParquetFile(path)
     group_starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
                                     for g in range(pf.num_row_groups)])
     group_of = np.searchsorted(group_starts, local_rows, side="right") - 1

@@ -92,6 +92,9 @@ class Searcher:
             self.generation = self.folder.generation()
             self.encoder = load_search_encoder(self.folder, model, device, engine)
             self.index, self.info = load_index(self.folder)
+            # Documents cut into several windows (rows): only then are hits merged by doc_id.
+            stats = self.folder.manifest["tokenize"].get("stats", {})
+            self.split_documents = stats.get("split_documents", 1) != 0
 
     def check_current(self) -> None:
         """Refuse to answer from a folder written since it was loaded: the vectors held here
@@ -129,6 +132,9 @@ class Searcher:
         fetch = min(n, 4 * k)
         while True:
             scores, rows = self.index.search(vectors, fetch)
+            if not self.split_documents:  # each row is a document of its own: no merging
+                return [[(int(r), float(x)) for r, x in zip(rows[q], scores[q], strict=True)
+                         if r >= 0][:k] for q in range(len(vectors))]
             found = sorted({int(x) for x in rows.ravel() if x >= 0})
             doc_of = {row: r["doc_id"] for row, r in
                       zip(found, self.folder.read_rows(found, ("doc_id",)), strict=True)}

@@ -115,6 +115,25 @@ def test_search_finds_the_topic_and_merges_windows(tmp_path):
     assert "rank" in table and "score" in table
 
 
+def test_search_of_unsplit_documents_is_exact_top_k(tmp_path):
+    """No document was cut into windows: the hits are the k best rows, in order."""
+    _, index = build(tmp_path)
+    assert IndexFolder(index).manifest["tokenize"]["stats"]["split_documents"] == 0
+    result = ok("search", "rocket launch to orbit the moon", "--index", index, "-k", 7,
+                "--json", "--device", "cpu")
+    hits = json.loads(result.stdout)["hits"]
+    vectors = IndexFolder(index).load_vectors()
+    q = Encoder.load("random:gpt2-tiny", device="cpu").embed_texts(
+        ["rocket launch to orbit the moon"])[0]
+    exact = vectors @ q
+    rows, scores = [h["row"] for h in hits], [h["score"] for h in hits]
+    # Tie-robust (duplicate texts score alike, to the last bit or not): the scores are the 7
+    # best, best first, and each is its row's own.
+    assert len(set(rows)) == 7 and scores == sorted(scores, reverse=True)
+    np.testing.assert_allclose(scores, np.sort(exact)[::-1][:7], atol=1e-5)
+    np.testing.assert_allclose(scores, exact[rows], atol=1e-5)
+
+
 def test_batch_queries_to_parquet(tmp_path):
     _, index = build(tmp_path)
     queries = tmp_path / "queries.txt"
