@@ -118,6 +118,16 @@ class IndexFolder:
         # Shard footers, by path: read once per object. A reader that outlives a rewrite of
         # the folder refuses it (Searcher.check_current) before reading rows again.
         self._footers: dict[Path, pq.FileMetaData] = {}
+        self._pinned: dict[Path, pq.ParquetFile] = {}  # pin_token_shards
+
+    def pin_token_shards(self) -> None:
+        """Open every token shard now, and read rows through these handles from then on: a
+        snapshot of this generation. A rewrite of the folder makes new files and unlinks
+        these, which stay readable while open, so a reader holding a snapshot (a server)
+        needs no lock to read rows, and writers need not wait for it. One open file per
+        shard."""
+        self._pinned = {self.tokens_dir / s["name"]: pq.ParquetFile(self.tokens_dir / s["name"])
+                        for s in self.token_shards}
 
     def __repr__(self) -> str:
         return f"IndexFolder({str(self.path)!r})"
@@ -296,6 +306,8 @@ class IndexFolder:
                          ) -> pa.Table:
         """read_shard_rows, a file that does not read as the shard recorded being one line."""
         try:
+            if path in self._pinned:
+                return read_shard_rows(self._pinned[path], local, columns)
             if path not in self._footers:  # parsed once, not per search
                 self._footers[path] = pq.read_metadata(path)
             with pq.ParquetFile(path, metadata=self._footers[path]) as pf:

@@ -6,6 +6,7 @@ best window, so a document never crowds the top k with its own pieces.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,17 +85,33 @@ class Searcher:
     server holds one and answers many queries with it."""
 
     def __init__(self, index_dir: str | Path, model: str | None = None,
-                 device: str | None = None, engine: str = "auto"):
+                 device: str | None = None, engine: str = "auto", snapshot: bool = False):
+        """`snapshot`: keep the token shards open (IndexFolder.pin_token_shards), so searches
+        read the generation loaded even after the folder is rewritten, without a lock: a
+        server's choice. Otherwise each search takes the folder's shared lock."""
         from pipeline.index.store import load_index
 
-        self.folder = IndexFolder(index_dir)
+        self.folder, self.snapshot = IndexFolder(index_dir), snapshot
         with self.folder.reading():
             self.generation = self.folder.generation()
             self.encoder = load_search_encoder(self.folder, model, device, engine)
             self.index, self.info = load_index(self.folder)
+            if snapshot:
+                self.folder.pin_token_shards()
             # Documents cut into several windows (rows): only then are hits merged by doc_id.
             stats = self.folder.manifest["tokenize"].get("stats", {})
             self.split_documents = stats.get("split_documents", 1) != 0
+
+    @contextlib.contextmanager
+    def consistent(self):
+        """A context in which the rows read are of the generation loaded: a snapshot needs
+        nothing; otherwise the folder's shared lock, once it is known unchanged."""
+        if self.snapshot:
+            yield
+            return
+        with self.folder.reading():
+            self.check_current()
+            yield
 
     def check_current(self) -> None:
         """Refuse to answer from a folder written since it was loaded: the vectors held here
@@ -116,8 +133,7 @@ class Searcher:
 
             faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
         vectors = self.embed(queries)
-        with self.folder.reading():  # the rows' text of the generation the index is of
-            self.check_current()
+        with self.consistent():  # the rows' text of the generation the index is of
             merged = self.nearest_documents(vectors, k)
             wanted = sorted({row for m in merged for row, _ in m})
             records = dict(zip(wanted, self.folder.read_rows(wanted), strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -13,6 +14,17 @@ import typer
 
 from pipeline.cli.app import QUERY, UsageError, app, err_console, user_errors
 from pipeline.errors import MissingExtra, pip_install
+
+
+def allow_open_files() -> None:
+    """Raise the open-file limit to the most allowed: a served index keeps each token shard
+    open (its snapshot), two generations of them while one replaces the other."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -82,6 +94,7 @@ def serve(
 
     from pipeline.serve.app import create_app
 
+    allow_open_files()
     with listen(host, port) as sock:
         web = create_app(index or [Path("indexes/default")], api_key=api_key,
                          batching=not no_batching, cors_origins=cors_origin or ())

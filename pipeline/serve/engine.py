@@ -72,14 +72,13 @@ def search_groups(searcher: Searcher, jobs: Sequence[Job], vectors: np.ndarray,
 
 def search_vectors(searcher: Searcher, vectors: np.ndarray, k: int) -> list[list[Hit]]:
     """`Searcher.search` after its embedding: the k nearest documents to each vector, with
-    their text, read under the folder's shared lock from the generation the index is of."""
+    their text, read from the generation the index is of (Searcher.consistent)."""
     import faiss
 
     # A few queries: threads only wait on each other (as Searcher.search).
     faiss.omp_set_num_threads(1 if len(vectors) < 16 else os.cpu_count() or 1)
     folder = searcher.folder
-    with folder.reading():
-        searcher.check_current()
+    with searcher.consistent():
         merged = searcher.nearest_documents(vectors, k)
         wanted = sorted({row for m in merged for row, _ in m})
         records = dict(zip(wanted, folder.read_rows(wanted), strict=True))

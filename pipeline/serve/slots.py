@@ -45,7 +45,7 @@ class IndexSlot:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.name = folder_name(path)
-        self.searcher = Searcher(self.path)
+        self.searcher = Searcher(self.path, snapshot=True)
         self.info = describe(self.searcher)
         self.refused: str | None = None  # a generation whose load failed: not retried
 
@@ -61,7 +61,7 @@ class IndexSlot:
         (kept the old one)."""
         attempt = IndexFolder(self.path).generation()
         try:
-            searcher = Searcher(self.path)
+            searcher = Searcher(self.path, snapshot=True)
         except IndexBusy:
             return "busy"
         except Exception as err:  # the old Searcher keeps answering, whatever went wrong
