@@ -614,3 +614,24 @@ def test_a_rebuilt_folder_is_served_anew_without_failed_requests(live):
     assert seen[0] == {"bread"} and all(s in ({"bread"}, {"cheese"}) for s in seen), seen
     info = httpx.get(server.url + "/info", headers=authorized()).json()
     assert info["indexes"]["live"]["documents"] == 50
+
+
+def test_clients_that_hang_up_mid_request_cost_nothing(server, client):
+    """Clients that send a search and close at once: no error in the server's log or its
+    metrics, and the next request is answered as before."""
+    before = client.get("/search", params={"q": "bread", "k": 3}).json()
+    request = (f"GET /search?q=bread+in+the+oven&k=5 HTTP/1.1\r\nHost: 127.0.0.1:"
+               f"{server.port}\r\n\r\n").encode()
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+            sock.sendall(request)  # and hang up without reading the answer
+    post = (f"POST /embed HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input\": ").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        sock.sendall(post)  # a body cut short by the hang-up
+    time.sleep(1)
+    assert server.process.poll() is None and server.healthy()
+    assert client.get("/search", params={"q": "bread", "k": 3}).json() == before
+    metrics = client.get("/metrics").text
+    assert 'status="500"' not in metrics
+    assert "Traceback" not in server.log.read_text()
