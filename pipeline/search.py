@@ -7,6 +7,7 @@ best window, so a document never crowds the top k with its own pieces.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,14 @@ def load_search_encoder(folder: IndexFolder, model: str | None, device: str | No
     return encoder
 
 
+@functools.cache
+def faiss_threads() -> int:
+    """FAISS's thread count before any search set it (OMP_NUM_THREADS, or every core)."""
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
 class Searcher:
     """The model and the index of one index folder, loaded once: a command makes one, a
     server holds one and answers many queries with it."""
@@ -128,12 +137,18 @@ class Searcher:
         """Top-k documents for each query."""
         if k < 1:
             raise UsageError("-k must be at least 1")
-        if len(queries) < 16:
-            import faiss
+        return self.search_vectors(self.embed(queries), k)
 
-            faiss.omp_set_num_threads(1)  # a few queries: threads only wait on each other
-        vectors = self.embed(queries)
-        with self.consistent():  # the rows' text of the generation the index is of
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k documents for each query vector (unit, float32), with their text read from
+        the generation the index is of."""
+        import faiss
+
+        # A few queries: threads only wait on each other. Many: as many as faiss had (read
+        # before the first search sets it).
+        many = faiss_threads()
+        faiss.omp_set_num_threads(1 if len(vectors) < 16 else many)
+        with self.consistent():
             merged = self.nearest_documents(vectors, k)
             wanted = sorted({row for m in merged for row, _ in m})
             records = dict(zip(wanted, self.folder.read_rows(wanted), strict=True))

@@ -8,7 +8,6 @@ says besides: which texts were cut to the model's context, and how many tokens w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,26 +61,9 @@ def search_groups(searcher: Searcher, jobs: Sequence[Job], vectors: np.ndarray,
     for k in sorted({job.k for job in jobs if job.k is not None}):
         group = [j for j, job in enumerate(jobs) if job.k == k]
         rows = np.concatenate([np.arange(*spans[j]) for j in group])
-        found = search_vectors(searcher, vectors[rows], k)
+        found = searcher.search_vectors(vectors[rows], k)
         start = 0
         for j in group:
             n = spans[j][1] - spans[j][0]
             out[j], start = found[start:start + n], start + n
     return out
-
-
-def search_vectors(searcher: Searcher, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-    """`Searcher.search` after its embedding: the k nearest documents to each vector, with
-    their text, read from the generation the index is of (Searcher.consistent)."""
-    import faiss
-
-    # A few queries: threads only wait on each other (as Searcher.search).
-    faiss.omp_set_num_threads(1 if len(vectors) < 16 else os.cpu_count() or 1)
-    folder = searcher.folder
-    with searcher.consistent():
-        merged = searcher.nearest_documents(vectors, k)
-        wanted = sorted({row for m in merged for row, _ in m})
-        records = dict(zip(wanted, folder.read_rows(wanted), strict=True))
-    return [[Hit(rank + 1, score, records[row]["doc_id"], records[row]["chunk"], row,
-                 records[row]["text"]) for rank, (row, score) in enumerate(m)]
-            for m in merged]
