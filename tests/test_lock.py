@@ -11,42 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers_cli import ROOT, TINY, build_index, cli, one_error_line, write_corpus
 
-from pipeline.cli import app
 from pipeline.errors import IndexFolderError
 from pipeline.folder import IndexFolder
 from pipeline.search import Searcher
-
-TINY = ["--model", "random:gpt2-tiny", "--device", "cpu"]
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error:") and "Traceback" not in result.output
-    return line
-
-
-def write_corpus(path: Path, n: int, word: str = "bread") -> Path:
-    path.write_text("".join(json.dumps({"id": f"{word}-{i}", "text": f"{word} number {i} "
-                                        f"is baked in the oven {i % 7}"}) + "\n"
-                            for i in range(n)))
-    return path
-
-
-def built(tmp_path, n=200, name="idx") -> Path:
-    index = tmp_path / name
-    corpus = write_corpus(tmp_path / f"{name}.jsonl", n)
-    for args in (["tokenize", corpus, "--index", index, "--max-tokens", 64],
-                 ["embed", "--index", index, *TINY], ["build-index", "--index", index]):
-        assert cli(*args).exit_code == 0
-    return index
 
 
 class Holder:
@@ -70,7 +39,7 @@ class Holder:
 
 
 def test_a_writer_refuses_a_folder_another_process_writes(tmp_path):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     before = IndexFolder(index).manifest
     with Holder(index, "embed") as holder:
         for args in (["tokenize", tmp_path / "idx.jsonl", "--index", index, "--force"],
@@ -82,7 +51,7 @@ def test_a_writer_refuses_a_folder_another_process_writes(tmp_path):
 
 
 def test_a_reader_refuses_a_folder_being_written(tmp_path):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     with Holder(index, "tokenize") as holder:
         line = one_error_line(cli("search", "bread", "--index", index))
         assert f"being written by PID {holder.process.pid} (`pipeline tokenize`)" in line
@@ -91,7 +60,7 @@ def test_a_reader_refuses_a_folder_being_written(tmp_path):
 
 
 def test_a_writer_refuses_a_folder_being_read(tmp_path):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     with Holder(index, None):
         line = one_error_line(cli("tokenize", tmp_path / "idx.jsonl", "--index", index,
                                   "--force"))
@@ -100,7 +69,7 @@ def test_a_writer_refuses_a_folder_being_read(tmp_path):
 
 
 def test_the_lock_goes_with_a_killed_holder(tmp_path):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     holder = Holder(index, "embed")
     holder.process.send_signal(signal.SIGKILL)
     holder.process.wait()
@@ -109,7 +78,7 @@ def test_the_lock_goes_with_a_killed_holder(tmp_path):
 
 def test_a_loaded_searcher_refuses_a_rewritten_folder(tmp_path):
     """A server holding a Searcher must not pair its old vectors with the new text."""
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     searcher = Searcher(index)
     assert searcher.search(["bread"], k=3)
     other = write_corpus(tmp_path / "other.jsonl", 150, word="rocket")
@@ -212,7 +181,7 @@ def test_a_damaged_token_shard_is_not_current(tmp_path):
      "embed.shards is not a map"),
 ])
 def test_a_damaged_manifest_is_one_line_naming_it(tmp_path, damage, says):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     manifest = index / "manifest.json"
     manifest.write_text(damage(json.loads(manifest.read_text())))
     for args in (["search", "bread", "--index", index], ["embed", "--index", index, *TINY],
@@ -223,7 +192,7 @@ def test_a_damaged_manifest_is_one_line_naming_it(tmp_path, damage, says):
 
 
 def test_search_names_an_unreadable_token_shard(tmp_path):
-    index = built(tmp_path)
+    index = build_index(tmp_path)
     shard = next((index / "tokens").glob("*.parquet"))
     shard.write_bytes(b"not parquet at all" * 10)
     line = one_error_line(cli("search", "bread", "--index", index))

@@ -24,16 +24,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers_cli import ROOT, build_index, cli, stage_commands, write_corpus
 
 from pipeline.analysis.metrics import METRICS, similarity, similarity_matrix
-from pipeline.cli import app as cli_app
 from pipeline.serve.batching import NO_BATCHING, Batcher, Limits, QueueFull, joins
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.schema import validation_message
 
-TINY = ["--model", "random:gpt2-tiny", "--device", "cpu"]
-ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60  # seconds for a server to start, on a slow shared CI machine
 KEY = "s3cret-key"
 QUERIES = [f"{word} baked in the oven {i}" for i, word in
@@ -41,30 +38,6 @@ QUERIES = [f"{word} baked in the oven {i}" for i, word in
 
 
 # --- set-up -----------------------------------------------------------------------------------
-
-def cli(*args):
-    return CliRunner().invoke(cli_app, [str(a) for a in args])
-
-
-def write_corpus(path: Path, n: int, word: str) -> Path:
-    path.write_text("".join(json.dumps({"id": f"{word}-{i}", "text": f"{word} number {i} is "
-                                        f"baked in the oven {i % 7} for {i % 5} hours"}) + "\n"
-                            for i in range(n)))
-    return path
-
-
-def stage_commands(corpus: Path, index: Path) -> list[list]:
-    return [["tokenize", corpus, "--index", index, "--max-tokens", 64],
-            ["embed", "--index", index, *TINY], ["build-index", "--index", index]]
-
-
-def build(root: Path, name: str, n: int, word: str) -> Path:
-    index = root / name
-    for args in stage_commands(write_corpus(root / f"{name}.jsonl", n, word), index):
-        result = cli(*args)
-        assert result.exit_code == 0, result.output
-    return index
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -108,8 +81,8 @@ class Server:
 @pytest.fixture(scope="module")
 def indexes(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
-    return {"bread": build(root, "bread", 120, "bread"),
-            "cheese": build(root, "cheese", 60, "cheese")}
+    return {"bread": build_index(root, "bread", 120, "bread"),
+            "cheese": build_index(root, "cheese", 60, "cheese")}
 
 
 @pytest.fixture(scope="module")
@@ -523,7 +496,7 @@ def test_a_full_queue_is_503_with_retry_after(thread_server):
 def live(tmp_path_factory):
     """`pipeline serve` with PIPELINE_API_KEY and --cors-origin, over a folder of its own."""
     root = tmp_path_factory.mktemp("live")
-    index = build(root, "live", 80, "bread")
+    index = build_index(root, "live", 80, "bread")
     running = Server(["--index", index, "--cors-origin", "http://page.test"], root / "serve.log",
                      env={"PIPELINE_API_KEY": KEY})
     yield running, index, root

@@ -15,39 +15,17 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers_cli import TINY, cli, ok, one_error_line
 
-from pipeline.cli import app
 from pipeline.errors import IndexFolderError
 from pipeline.folder import IndexFolder
 from pipeline.model.checkpoint import random_model, save_checkpoint
 from pipeline.search import search
 
-TINY = ["--model", "random:gpt2-tiny", "--device", "cpu"]
 TOKENIZE = ["--max-tokens", 64, "--shard-rows", 100]
 QUERY = "rocket launch to orbit the moon"
 WORDS = ("recipe for baking bread with flour yeast and butter in the oven rocket launch to "
          "orbit the moon with astronauts guitar and piano concert with a singer").split()
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(result) -> str:
-    """The message of a command that failed as a user error: exit 1, one line, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def flip(path, offset=None) -> None:
@@ -105,7 +83,7 @@ def assert_search_is_right(embedded, tiny_encoder):
 def test_damaged_embedding_shard_is_refused_then_repaired(index, assert_search_is_right):
     shard = index / "embeddings" / "part-00001.parquet"
     flip(shard)  # a byte of one stored vector: Parquet reads the shard without complaint
-    line = one_line_error(cli("build-index", "--index", index))
+    line = one_error_line(cli("build-index", "--index", index))
     assert str(shard) in line and f"run `pipeline embed --index {index}` to redo it" in line
     assert not (index / "index.faiss").exists() and not (index / "index.json").exists()
 
@@ -121,7 +99,7 @@ def test_damaged_embedding_shard_leaves_the_built_index_in_use(index, assert_sea
     built = {name: (index / name).read_bytes() for name in ("index.faiss", "index.json")}
     shard = index / "embeddings" / "part-00002.parquet"
     flip(shard)
-    line = one_line_error(cli("build-index", "--index", index, "--force"))
+    line = one_error_line(cli("build-index", "--index", index, "--force"))
     assert str(shard) in line and "pipeline embed --index" in line
     assert {name: (index / name).read_bytes() for name in built} == built
     assert_search_is_right(index)  # the index was built from the good bytes
@@ -137,7 +115,7 @@ def test_damaged_embedding_shard_leaves_the_built_index_in_use(index, assert_sea
 def test_flipped_index_bytes_are_refused(index, assert_search_is_right):
     ok("build-index", "--index", index)
     flip(index / "index.faiss")  # a byte of one stored vector: FAISS reads it without complaint
-    line = one_line_error(cli("search", QUERY, "--index", index, "--device", "cpu"))
+    line = one_error_line(cli("search", QUERY, "--index", index, "--device", "cpu"))
     assert str(index / "index.faiss") in line
     assert f"run `pipeline build-index --index {index} --force`" in line
     # A damaged index is not "current": build-index without --force rebuilds it too.
@@ -148,7 +126,7 @@ def test_flipped_index_bytes_are_refused(index, assert_search_is_right):
 def test_damaged_index_header_is_one_line(index):
     ok("build-index", "--index", index)
     flip(index / "index.faiss", offset=0)  # FAISS's fourcc: read_index raises RuntimeError
-    line = one_line_error(cli("search", QUERY, "--index", index, "--device", "cpu"))
+    line = one_error_line(cli("search", QUERY, "--index", index, "--device", "cpu"))
     assert str(index / "index.faiss") in line and "--force" in line
 
 
@@ -162,7 +140,7 @@ def test_unreadable_index_with_its_recorded_hash_is_one_line(index):
     info["index_file"] = {**info["index_file"], "bytes": index_file.stat().st_size,
                           "sha256": hashlib.sha256(index_file.read_bytes()).hexdigest()}
     info_file.write_text(json.dumps(info))
-    line = one_line_error(cli("search", QUERY, "--index", index, "--device", "cpu"))
+    line = one_error_line(cli("search", QUERY, "--index", index, "--device", "cpu"))
     assert f"cannot read {index_file}" in line and "--force" in line
 
 
@@ -212,7 +190,7 @@ def test_damaged_token_shard_is_refused_by_embed(embedded, tmp_path):
     ok("tokenize", corpus, "--index", index, *TOKENIZE)
     shard = index / "tokens" / "part-00001.parquet"
     flip(shard)
-    line = one_line_error(cli("embed", "--index", index, *TINY))
+    line = one_error_line(cli("embed", "--index", index, *TINY))
     assert str(shard) in line
     assert f"run `pipeline tokenize CORPUS --index {index} --force`" in line
 
@@ -240,7 +218,7 @@ def swapped_weights(embedded, tmp_path):
 
 
 def test_other_weights_are_another_model_for_embed(swapped_weights):
-    line = one_line_error(cli("embed", "--index", swapped_weights, "--device", "cpu"))
+    line = one_error_line(cli("embed", "--index", swapped_weights, "--device", "cpu"))
     assert "another model" in line
 
 
@@ -250,5 +228,5 @@ def test_other_weights_are_another_model_for_torch_search(swapped_weights):
 
 
 def test_other_weights_are_another_model_for_search(swapped_weights):
-    line = one_line_error(cli("search", QUERY, "--index", swapped_weights, "--device", "cpu"))
+    line = one_error_line(cli("search", QUERY, "--index", swapped_weights, "--device", "cpu"))
     assert "another model" in line
