@@ -86,9 +86,13 @@ METRIC_FUNCTIONS = {"cosine": cosine, "euclidean": euclidean, "manhattan": manha
                     "dot": dot, "pearson": pearson}
 
 
-def similarity(a: np.ndarray, b: np.ndarray, metric: str = "cosine") -> float:
-    if metric not in METRIC_FUNCTIONS:
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+
+
+def similarity(a: np.ndarray, b: np.ndarray, metric: str = "cosine") -> float:
+    check_metric(metric)
     return METRIC_FUNCTIONS[metric](a, b)
 
 
@@ -117,8 +121,7 @@ def similarity_blocks(vectors: np.ndarray, metric: str = "cosine", block_rows: i
 def _matrix_inputs(vectors: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The float64 rows a matrix is made of (unit rows for cosine, centred unit rows for
     pearson) and, for euclidean, their squared lengths."""
-    if metric not in METRICS:
-        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    check_metric(metric)
     x = np.asarray(vectors, np.float64)
     if metric == "pearson":
         x = x - x.mean(axis=1, keepdims=True)

@@ -153,8 +153,7 @@ def show_and_write(sentences: list[str], vectors: np.ndarray, metric: str, out: 
 
 def check_matrix_options(file: Path | None, index: Path | None, metric: str,
                          out: Path | None) -> None:
-    if metric not in query.METRICS:
-        raise UsageError(f"unknown metric {metric!r}; choose from {', '.join(query.METRICS)}")
+    query.check_metric(metric)
     if (file is None) == (index is None):
         raise UsageError("give a FILE of sentences or --index")
     if out is not None and out.suffix not in (".csv", ".parquet"):

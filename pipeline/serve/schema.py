@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.analysis.metrics import METRICS, similarity, similarity_matrix
+from pipeline.analysis.metrics import check_metric, similarity, similarity_matrix
 from pipeline.search import Hit
 
 MAX_INPUTS = 256  # texts in one request: more is a 413 (send several requests)
@@ -126,8 +126,7 @@ def search_texts(body: SearchBody) -> tuple[str, ...]:
 
 def similarity_texts(body: SimilarityBody) -> tuple[str, ...]:
     """The texts to embed: texts as given, or each pair's two in turn."""
-    if body.metric not in METRICS:
-        raise ApiError(f"unknown metric {body.metric!r}; choose from {', '.join(METRICS)}")
+    check_metric(body.metric)  # a UsageError: answered 422, as an ApiError would be
     if (body.texts is None) == (body.pairs is None):
         raise ApiError("give either texts (all pairs of them) or pairs ([[a, b], ...])")
     if body.texts is not None:
