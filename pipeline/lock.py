@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,12 +94,16 @@ def reading(folder: Path) -> Iterator[None]:
 
 
 def holder(fd: int) -> str:
-    """Who holds the exclusive lock, as its holder wrote it: 'PID 123 (`pipeline embed`)'."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"PID {info['pid']} (`pipeline {info['command']}`)"
-    except (ValueError, KeyError, TypeError):
-        return "another command"
+    """Who holds the exclusive lock, as its holder wrote it: 'PID 123 (`pipeline embed`)'.
+    A holder writes it just after taking the lock: a read in between finds the file empty
+    (or half written), so it is read again for a moment before giving up."""
+    for _ in range(50):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0))
+            return f"PID {info['pid']} (`pipeline {info['command']}`)"
+        except (ValueError, KeyError, TypeError):
+            time.sleep(0.01)
+    return "another command"
 
 
 def busy_for_writer(folder: Path, fd: int) -> str:
