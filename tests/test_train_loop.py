@@ -212,3 +212,26 @@ def test_teacher_cache_is_never_unpickled(data):
     cached.write_bytes(b"damaged")
     assert np.array_equal(teacher_targets(SENTENCES, "random:gpt2-tiny:7", "cpu", cache),
                           vectors)
+
+
+def test_ensemble_teacher_with_relational_term_and_separate_mnrl_pairs(data):
+    """Two teachers averaged, PCA'd to 16 dims for the pointwise term, the KL term on their
+    full 64-dim concatenation, MNRL on a pairs file of its own: it trains, learns, and makes
+    a 16-dim model; a relational-only run needs no matching width."""
+    write_pairs(data / "silver.tsv", [p for p in PAIRS if p[2] == 1] * 2)
+    cfg = tiny_config(data, "ens", teacher="random:gpt2-tiny:7*0.7+random:gpt2-tiny:8*0.3",
+                      teacher_dim=16, relational_weight=1.0, relational_temperature=0.1,
+                      pairs=None, mnrl_pairs=str(data / "silver.tsv"), steps=10)
+    train(cfg, progress=False)
+    curve = [c[1] for c in losses(cfg.out) if c[1] is not None]
+    assert curve[-1] < curve[0]
+    rec = json.loads((Path(cfg.out) / "train_log.jsonl").read_text().splitlines()[0])
+    assert {"loss_distill", "loss_mnrl"} <= set(rec) and "loss_cosent" not in rec
+    assert load_pretrained(cfg.out).config.projection_dim == 16
+    only_kl = tiny_config(data, "kl", distill_weight=0.0, relational_weight=1.0,
+                          projection_dim=8, steps=3)
+    train(only_kl, progress=False)
+    assert load_pretrained(only_kl.out).config.projection_dim == 8
+    # A pointwise term against vectors of another width is refused, in one line.
+    with pytest.raises(TrainError, match="--teacher-dim"):
+        train(tiny_config(data, "bad", projection_dim=8, steps=3), progress=False)

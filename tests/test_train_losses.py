@@ -75,3 +75,27 @@ def test_lr_schedule():
     assert all(x >= y for x, y in zip(lrs[10:-1], lrs[11:], strict=True))  # cosine falls
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)  # down to min_ratio * peak
     assert lr_at(0, 10, 1.0, 0) == pytest.approx(1.0)  # no warm-up
+
+
+def test_relational_loss_matches_a_loop_reference_and_allows_other_widths():
+    from pipeline.train.losses import relational_loss
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 9, generator=g)
+    tau = 0.1
+
+    def row_probs(x, i):
+        unit = [v / v.norm() for v in x.double()]
+        logits = [float(unit[i] @ unit[j]) / tau for j in range(len(x)) if j != i]
+        z = math.log(sum(math.exp(v) for v in logits))
+        return [math.exp(v - z) for v in logits]
+
+    ref = 0.0
+    for i in range(6):
+        p, q = row_probs(t, i), row_probs(s, i)
+        ref += sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert float(relational_loss(s, t, tau)) == pytest.approx(ref / 6, rel=1e-5)
+    # Zero exactly when the student ranks the batch as the teacher does: same cosines.
+    rot = torch.linalg.qr(torch.randn(9, 9, generator=g))[0]
+    assert float(relational_loss(t @ rot * 3.0, t, tau)) == pytest.approx(0.0, abs=1e-5)
+    assert float(relational_loss(s, t, tau)) > 0.01

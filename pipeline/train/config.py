@@ -19,10 +19,15 @@ class TrainConfig:
     projection_dim: int | None = None  # distillation defaults it to the teacher's width
     # Objectives and their data.
     distill_data: tuple[str, ...] = ()  # text files (one per line; .gz/.xz ok) or Parquet 'text'
+    # One teacher spec, or an ensemble "SPEC*W+SPEC*W" (weights normalised to sum to 1).
     teacher: str | None = None
+    teacher_dim: int | None = None  # PCA of the teacher's vectors for the pointwise term
     distill_loss: str = "cosine"
-    distill_weight: float = 1.0
+    distill_weight: float = 1.0  # the pointwise term (cosine or MSE to the teacher's vector)
+    relational_weight: float = 0.0  # the in-batch similarity distribution term (KL)
+    relational_temperature: float = 0.05
     pairs: str | None = None  # TSV with sentence1, sentence2, label, score (STS-B train)
+    mnrl_pairs: str | None = None  # label-1 pairs for MNRL (default: those of --pairs)
     cosent_weight: float = 1.0
     mnrl_weight: float = 0.0
     scale: float = 20.0  # inverse temperature of CoSENT and MNRL
@@ -54,9 +59,11 @@ class TrainConfig:
     def objective_weights(self) -> dict[str, float]:
         weights = {}
         if self.distill_data:
-            weights["distill"] = self.distill_weight
+            # Its two terms carry their own weights (objectives.objective_loss).
+            weights["distill"] = float(self.distill_weight > 0 or self.relational_weight > 0)
         if self.pairs:
             weights["cosent"] = self.cosent_weight
+        if self.pairs or self.mnrl_pairs:
             weights["mnrl"] = self.mnrl_weight
         return {k: w for k, w in weights.items() if w > 0}
 
@@ -80,7 +87,15 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.warmup < 1:
             raise TrainError("--warmup is a fraction of the steps, in [0, 1)")
-        if self.pairs and self.mnrl_weight > 0 and self.pair_batch_size < 2:
+        if self.relational_temperature <= 0:
+            raise TrainError("--relational-temperature must be positive")
+        if self.teacher_dim is not None and self.teacher_dim < 1:
+            raise TrainError("--teacher-dim must be at least 1")
+        if self.teacher:
+            from pipeline.train.ensemble import parse_teacher
+
+            parse_teacher(self.teacher)  # a malformed spec fails before anything loads
+        if "mnrl" in self.objective_weights() and self.pair_batch_size < 2:
             raise TrainError("MNRL needs --pair-batch-size of at least 2 (in-batch negatives)")
 
     def resume_conflicts(self, saved: TrainConfig) -> list[str]:

@@ -146,9 +146,11 @@ def model_for(cfg: TrainConfig, objectives: list[Objective]) -> GPT2Model:
     projection = cfg.projection_dim if cfg.projection_dim is not None else teacher_dim
     model = build_model(cfg.init, cfg.seed, attention=cfg.attention, pooling=cfg.pooling,
                         n_positions=cfg.n_positions, projection_dim=projection)
-    if teacher_dim is not None and model.config.output_dim != teacher_dim:
+    # The pointwise term compares vectors; the relational one only cosines (any widths).
+    if (teacher_dim is not None and cfg.distill_weight > 0
+            and model.config.output_dim != teacher_dim):
         raise TrainError(f"the model's output has {model.config.output_dim} dims, the "
-                         f"teacher's {teacher_dim}: set --projection-dim")
+                         f"teacher's {teacher_dim}: set --projection-dim or --teacher-dim")
     return model
 
 

@@ -38,6 +38,22 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor,
     raise ValueError(f"unknown distillation loss {kind!r}")
 
 
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor,
+                    temperature: float = 0.05) -> torch.Tensor:
+    """KL(teacher || student) between each row's distribution over the other rows of the
+    batch (softmax of cosine / temperature, the diagonal left out): the student learns how the
+    teacher ranks a batch, not only where each vector points. The two widths may differ, so an
+    ensemble of teachers (1152 dims) can teach a 384-dim student."""
+    def log_probs(x: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(x.float(), dim=-1)
+        sims = unit @ unit.T / temperature
+        eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+        return F.log_softmax(sims.masked_fill(eye, float("-inf")), dim=-1).masked_fill(eye, 0.0)
+
+    s, t = log_probs(student), log_probs(teacher)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay."""
     if step < warmup:

@@ -27,7 +27,8 @@ from pipeline.train.data import (
     to_device,
     unique_texts,
 )
-from pipeline.train.losses import cosent_loss, distill_loss, mnrl_loss
+from pipeline.train.ensemble import combine, parse_teacher, pca_basis, project
+from pipeline.train.losses import cosent_loss, distill_loss, mnrl_loss, relational_loss
 from pipeline.train.model import embed_for_training
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Objective:
     stream: BatchStream
     tokens: TokenTable | tuple[TokenTable, TokenTable]
     targets: np.ndarray | None = None  # distill: teacher vectors; cosent: scores
+    relations: np.ndarray | None = None  # distill: the full-width vectors the KL term compares
 
 
 def teacher_targets(texts: Sequence[str], teacher: str, device: str | None,
@@ -98,21 +100,31 @@ def distill_corpus(paths: tuple[str, ...], max_tokens: int) -> tuple[list[str], 
 
 def distill_objective(cfg: TrainConfig, weight: float, device: torch.device,
                       max_tokens: int) -> Objective:
+    """The texts, the (ensemble of) teachers' vectors for the KL term, and those vectors
+    reduced to --teacher-dim for the pointwise term."""
     texts, table = distill_corpus(cfg.distill_data, max_tokens)
-    targets = teacher_targets(texts, cfg.teacher, str(device), cfg.teacher_cache)
-    log.info("distill: %d texts, %d tokens", len(texts), int(table.lengths.sum()))
+    members = parse_teacher(cfg.teacher)
+    full = combine([teacher_targets(texts, spec, str(device), cfg.teacher_cache)
+                    for spec, _ in members], [w for _, w in members])
+    targets = full
+    if cfg.teacher_dim is not None and cfg.teacher_dim != full.shape[1]:
+        targets = project(full, pca_basis(full, cfg.teacher_dim, seed=cfg.seed))
+    log.info("distill: %d texts, %d tokens, teacher vectors %d dims (pointwise %d)",
+             len(texts), int(table.lengths.sum()), full.shape[1], targets.shape[1])
     stream = BatchStream(table.lengths, cfg.batch_size, cfg.seed, STREAMS["distill"])
-    return Objective("distill", weight, stream, table, targets)
+    relations = full if cfg.relational_weight > 0 else None
+    return Objective("distill", weight, stream, table, targets, relations)
 
 
 def pair_objective(name: str, weight: float, pairs: PairData, cfg: TrainConfig,
                    tokenizer: Tokenizer, max_tokens: int) -> Objective:
     """CoSENT on every scored pair, or MNRL on the label-1 pairs."""
+    source = cfg.mnrl_pairs if name == "mnrl" and cfg.mnrl_pairs else cfg.pairs
     if name == "cosent" and not pairs.has_scores:
-        raise TrainError(f"CoSENT needs a score column in {cfg.pairs}")
+        raise TrainError(f"CoSENT needs a score column in {source}")
     keep = np.arange(len(pairs)) if name == "cosent" else np.flatnonzero(pairs.label)
     if len(keep) < 2:
-        raise TrainError(f"{cfg.pairs}: too few pairs for {name}")
+        raise TrainError(f"{source}: too few pairs for {name}")
     t1 = TokenTable.build(tokenizer.encode_batch([pairs.sentence1[i] for i in keep]), max_tokens)
     t2 = TokenTable.build(tokenizer.encode_batch([pairs.sentence2[i] for i in keep]), max_tokens)
     stream = BatchStream(np.maximum(t1.lengths, t2.lengths), cfg.pair_batch_size, cfg.seed,
@@ -129,11 +141,11 @@ def load_objectives(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device
     objectives = []
     if "distill" in weights:
         objectives.append(distill_objective(cfg, weights["distill"], device, max_tokens))
-    pair_names = [name for name in ("cosent", "mnrl") if name in weights]
-    if pair_names:
-        pairs = read_pairs(cfg.pairs)
-        objectives.extend(pair_objective(name, weights[name], pairs, cfg, tokenizer, max_tokens)
-                          for name in pair_names)
+    for name in ("cosent", "mnrl"):
+        if name in weights:
+            path = cfg.mnrl_pairs if name == "mnrl" and cfg.mnrl_pairs else cfg.pairs
+            objectives.append(pair_objective(name, weights[name], read_pairs(path), cfg,
+                                             tokenizer, max_tokens))
     return objectives
 
 
@@ -145,8 +157,15 @@ def objective_loss(obj: Objective, k: int, model: GPT2Model, cfg: TrainConfig,
         rows = obj.tokens.rows(idx)
         ids, mask = to_batch(rows, device)
         student = embed_for_training(model, ids, mask).float()
-        teacher = to_device(torch.from_numpy(obj.targets[idx].astype(np.float32)), device)
-        return distill_loss(student, teacher, cfg.distill_loss), sum(len(r) for r in rows)
+        loss = student.new_zeros(())
+        if cfg.distill_weight > 0:
+            teacher = to_device(torch.from_numpy(obj.targets[idx].astype(np.float32)), device)
+            loss = loss + cfg.distill_weight * distill_loss(student, teacher, cfg.distill_loss)
+        if cfg.relational_weight > 0:
+            full = to_device(torch.from_numpy(obj.relations[idx].astype(np.float32)), device)
+            loss = loss + cfg.relational_weight * relational_loss(
+                student, full, cfg.relational_temperature)
+        return loss, sum(len(r) for r in rows)
     t1, t2 = obj.tokens
     rows = t1.rows(idx) + t2.rows(idx)
     ids, mask = to_batch(rows, device)
