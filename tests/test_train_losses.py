@@ -93,7 +93,7 @@ def test_relational_loss_matches_a_loop_reference_and_allows_other_widths():
     ref = 0.0
     for i in range(6):
         p, q = row_probs(t, i), row_probs(s, i)
-        ref += sum(a * math.log(a / b) for a, b in zip(p, q))
+        ref += sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
     assert float(relational_loss(s, t, tau)) == pytest.approx(ref / 6, rel=1e-5)
     # Zero exactly when the student ranks the batch as the teacher does: same cosines.
     rot = torch.linalg.qr(torch.randn(9, 9, generator=g))[0]

@@ -40,7 +40,7 @@ def combine(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
     if len(vectors) == 1:
         return vectors[0].astype(np.float16)
     return np.concatenate([(v.astype(np.float32) * np.sqrt(w)).astype(np.float16)
-                           for v, w in zip(vectors, weights)], axis=1)
+                           for v, w in zip(vectors, weights, strict=True)], axis=1)
 
 
 def pca_basis(vectors: np.ndarray, dim: int, sample: int = 200_000,
