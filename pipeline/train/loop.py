@@ -16,6 +16,7 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
+from pipeline.config import PRESETS
 from pipeline.embed.encoder import pick_device
 from pipeline.errors import TrainError
 from pipeline.model.checkpoint import save_checkpoint
@@ -91,6 +92,10 @@ def train(cfg: TrainConfig, restart: bool = False, progress: bool = True,
     run.started_at = time.perf_counter()
     last_loss = float("nan")
     with open(run.out / LOG, "a") as log_file, bar:
+        if run.start == 0 and run.dev is not None and cfg.init not in PRESETS:
+            # A trained start is a candidate too: a fine-tuning that never beats it on dev
+            # leaves it as the run's model instead of a worse one.
+            evaluate(run, 0, log_file)
         for step in range(run.start, run.steps):
             lr = lr_at(step, run.steps, cfg.lr, run.warmup, cfg.min_lr_ratio)
             train_step(run, step, lr, window)
