@@ -8,8 +8,9 @@
 #     bash benchmarks/train_gpu.sh wait 560       # the runs go on (setsid) between calls
 #     bash benchmarks/train_gpu.sh collect        # the default model as fp16 shards + all logs
 # The runs: `make model` (the recipe, gpt2-mini), the same recipe on gpt2 (124M), and
-# shorter ablations of the recipe's choices (relational term, ensemble vs mpnet alone), then
-# CoSENT with MNRL on the silver pairs. Choices are made on dev; test is only reported.
+# opt-in: shorter ablations of the recipe's choices (ABLATIONS=1: relational term, ensemble vs
+# mpnet alone, CoSENT with MNRL on the silver pairs) and CoSENT on teacher-labelled pairs
+# (SILVER=N anchors). Choices are made on dev; test is only reported.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
@@ -27,6 +28,7 @@ mkdir -p "$OUT" $LOGS /tmp/parts
 MINI_STEPS=${MINI_STEPS:-10000}  # 168 s alone on one H200 (60 steps/s, 1.56M tokens/s)
 GPT2_STEPS=${GPT2_STEPS:-0}
 ABLATIONS=${ABLATIONS:-0}  # 1: also the three 3000-step ablations and CoSENT + MNRL
+SILVER=${SILVER:-0}  # N > 0: CoSENT on STS-B train + teacher-labelled pairs of N anchors
 ABLATION_STEPS=${ABLATION_STEPS:-5000}
 BATCH=${BATCH:-512}
 EPOCHS=${EPOCHS:-4}  # of CoSENT
@@ -64,6 +66,7 @@ plan() {
     wait $mini
     echo "make model done $(date -u +%T)"
     if [ "$ABLATIONS" = 1 ]; then mnrl; fi
+    if [ "$SILVER" -gt 0 ]; then silver; fi
     wait
     echo "all done $(date -u +%T)"
 }
@@ -89,6 +92,22 @@ mnrl() {
     python3 -m pipeline.cli evaluate --model /tmp/train/cosent-mnrl --data data_sets/test.tsv \
         --device $DEV --save $LOGS/cosent-mnrl-test.json >> $LOGS/cosent-mnrl.log 2>&1
     echo "mnrl done $(date -u +%T)"
+}
+
+silver() {
+    # CoSENT from the recipe's distilled model on STS-B train plus teacher-labelled pairs.
+    python3 benchmarks/train_gpu_silver.py --teacher "$TEACHER" --cache $C/vectors \
+        --distill-data $D/distill_texts.txt --distill-data $D/debian_packages.parquet \
+        --anchors $SILVER --device $DEV --out $D/silver_scored.tsv > $LOGS/silver.log 2>&1
+    python3 -m pipeline.cli train --out /tmp/train/cosent-silver \
+        --init /tmp/train/gpt2-mini-distill --pairs $D/silver_scored.tsv \
+        --dev data_sets/dev.tsv --epochs 1 --pair-batch-size 32 --lr 1e-4 --warmup 0.1 \
+        --eval-every 200 --save-every 2000 --log-every 100 --device $DEV --no-progress \
+        >> $LOGS/silver.log 2>&1
+    python3 -m pipeline.cli evaluate --model /tmp/train/cosent-silver --data data_sets/test.tsv \
+        --paragraphs data_sets/paragraphs_wiki.tsv --paragraphs data_sets/paragraphs_bible.tsv \
+        --device $DEV --save $LOGS/cosent-silver-test.json >> $LOGS/silver.log 2>&1
+    echo "silver done $(date -u +%T)"
 }
 
 status() {
