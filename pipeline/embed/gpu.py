@@ -165,24 +165,23 @@ def _queue_passes(encoder: Encoder, values: np.ndarray, offsets: np.ndarray,
     out = torch.empty((n, encoder.dim), device=encoder.device,
                       dtype=TORCH_DTYPES[np.dtype(dtype)])
     done = []
-    with encoder.autocast():
-        for (a, b), layout in zip(batches, layouts, strict=True):
-            waited = time.perf_counter()
-            wait_for_gpu(encoder.queued)
-            launched = time.perf_counter()
-            begin = recorded_event(timing=True) if log is not None else None
-            out[a:b] = encoder.model.embed_packed(layout, encoder.pooling)
-            last = b == n  # its event also times the whole call
-            encoder.queued.append(recorded_event(timing=log is not None or last))
-            done.append((b, encoder.queued[-1]))
-            if log is not None:
-                log.append({"first_of_call": a == 0, "at": waited,
-                            "window_tokens": layout.window_tokens,
-                            "wait_s": launched - waited,
-                            "launch_s": time.perf_counter() - launched,
-                            "begin": begin, "end": encoder.queued[-1]})
-            if progress is not None:
-                progress.update(b - a)
+    for (a, b), layout in zip(batches, layouts, strict=True):
+        waited = time.perf_counter()
+        wait_for_gpu(encoder.queued)
+        launched = time.perf_counter()
+        begin = recorded_event(timing=True) if log is not None else None
+        out[a:b] = encoder.model.embed_packed(layout, encoder.pooling)
+        last = b == n  # its event also times the whole call
+        encoder.queued.append(recorded_event(timing=log is not None or last))
+        done.append((b, encoder.queued[-1]))
+        if log is not None:
+            log.append({"first_of_call": a == 0, "at": waited,
+                        "window_tokens": layout.window_tokens,
+                        "wait_s": launched - waited,
+                        "launch_s": time.perf_counter() - launched,
+                        "begin": begin, "end": encoder.queued[-1]})
+        if progress is not None:
+            progress.update(b - a)
     return PendingVectors(device_tensor=out, started=started, done=done)
 
 

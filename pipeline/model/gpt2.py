@@ -202,9 +202,11 @@ class GPT2Model(nn.Module):
               pooling: str | None = None, normalize: bool = True) -> torch.Tensor:
         """Pooled (and by default L2-normalised) sentence vectors, (B, output_dim)."""
         hidden = self(input_ids, attention_mask)
-        pooled = pool(hidden, attention_mask, pooling or self.config.pooling)
+        # Pooled in fp32 whatever the weights' dtype: a bf16 sum over 256 tokens would lose
+        # digits the vectors keep.
+        pooled = pool(hidden.float(), attention_mask, pooling or self.config.pooling)
         if self.proj is not None:
-            pooled = self.proj(pooled)
+            pooled = self.proj(pooled.to(self.proj.weight.dtype))
         return F.normalize(pooled.float(), dim=-1) if normalize else pooled
 
 
