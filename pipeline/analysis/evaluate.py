@@ -19,7 +19,6 @@ fetch-teacher`` has joined PyPI's pieces of it), so the teachers are measured by
 
 from __future__ import annotations
 
-import csv
 import gc
 import logging
 import os
@@ -39,6 +38,7 @@ from pipeline.analysis.metrics import (
     spearman,
     unit_rows,
 )
+from pipeline.analysis.tsv import read_tsv
 from pipeline.errors import InputFileError, MissingExtra, ModelSpecError, UsageError
 
 log = logging.getLogger(__name__)
@@ -70,22 +70,7 @@ class PairData:
 
 def read_pairs(path: str | Path) -> PairData:
     """Read a TSV with a header naming sentence1, sentence2 and label (score optional)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"cannot read {path}: no such file")
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            missing = {"sentence1", "sentence2", "label"} - set(reader.fieldnames or ())
-            if missing:
-                raise InputFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise InputFileError(f"{path} is not UTF-8 text") from None
-    except csv.Error as err:
-        raise InputFileError(f"{path}: not a readable TSV ({err})") from None
-    if not rows:
-        raise InputFileError(f"{path} has no rows")
+    rows = read_tsv(path, ("sentence1", "sentence2", "label"))
     try:
         label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
         score = np.array([float(r["score"]) if r.get("score") not in (None, "") else np.nan

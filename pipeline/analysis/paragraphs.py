@@ -18,7 +18,6 @@ arrays:
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.analysis.metrics import Embedder, pearson, spearman, unit_rows
+from pipeline.analysis.tsv import read_tsv
 from pipeline.errors import InputFileError, UsageError
 
 NEIGHBOURS = 5  # nearest other documents per document in the agreement pairs
@@ -57,21 +57,7 @@ class ParagraphData:
 def read_paragraphs(path: str | Path) -> ParagraphData:
     """Read a TSV with a header naming query and document; every row needs both, non-empty."""
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"cannot read {path}: no such file")
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            missing = {"query", "document"} - set(reader.fieldnames or ())
-            if missing:
-                raise InputFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise InputFileError(f"{path} is not UTF-8 text") from None
-    except csv.Error as err:
-        raise InputFileError(f"{path}: not a readable TSV ({err})") from None
-    if not rows:
-        raise InputFileError(f"{path} has no rows")
+    rows = read_tsv(path, ("query", "document"))
     for line, row in enumerate(rows, start=2):
         # DictReader fills a short row with None; an empty text would embed as nothing.
         if not row["query"] or not row["document"]:
