@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.analysis.evaluate import load_embedder, read_pairs
 from pipeline.train.ensemble import combine, parse_teacher
-from pipeline.train.objectives import distill_corpus, teacher_targets
+from pipeline.train.objectives import distill_corpus, ensemble_targets
 from pipeline.train.silver import calibration, neighbours, pick_pairs, to_scores
 
 GOLD_LABEL = 4.0  # STS-B's label 1 is a score of 4 or more
@@ -41,10 +41,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     texts, _ = distill_corpus(tuple(args.distill_data), 256)
+    full = ensemble_targets(texts, args.teacher, args.device, args.cache)
     members = parse_teacher(args.teacher)
     weights = [w for _, w in members]
-    full = combine([teacher_targets(texts, spec, args.device, args.cache)
-                    for spec, _ in members], weights)
     stsb = read_pairs(args.stsb)
     sides = []
     for spec, _ in members:

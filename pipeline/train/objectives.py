@@ -73,6 +73,15 @@ def teacher_targets(texts: Sequence[str], teacher: str, device: str | None,
     return vectors
 
 
+def ensemble_targets(texts: Sequence[str], teacher: str, device: str | None,
+                     cache_dir: str | Path) -> np.ndarray:
+    """(N, sum D_i) float16 unit vectors of a teacher or an ensemble spec ("A*0.7+B*0.3"):
+    each member's cached vectors, combined (ensemble.combine)."""
+    members = parse_teacher(teacher)
+    return combine([teacher_targets(texts, spec, device, cache_dir) for spec, _ in members],
+                   [w for _, w in members])
+
+
 def read_cached_vectors(path: Path, rows: int) -> np.ndarray | None:
     """The cached (rows, D) vectors, or None where the cache lacks them. allow_pickle=False:
     the cache folder is the user's, and a crafted .npy must not run code; one that does not
@@ -103,9 +112,7 @@ def distill_objective(cfg: TrainConfig, weight: float, device: torch.device,
     """The texts, the (ensemble of) teachers' vectors for the KL term, and those vectors
     reduced to --teacher-dim for the pointwise term."""
     texts, table = distill_corpus(cfg.distill_data, max_tokens)
-    members = parse_teacher(cfg.teacher)
-    full = combine([teacher_targets(texts, spec, str(device), cfg.teacher_cache)
-                    for spec, _ in members], [w for _, w in members])
+    full = ensemble_targets(texts, cfg.teacher, str(device), cfg.teacher_cache)
     targets = full
     if cfg.teacher_dim is not None and cfg.teacher_dim != full.shape[1]:
         targets = project(full, pca_basis(full, cfg.teacher_dim, seed=cfg.seed))
@@ -116,10 +123,10 @@ def distill_objective(cfg: TrainConfig, weight: float, device: torch.device,
     return Objective("distill", weight, stream, table, targets, relations)
 
 
-def pair_objective(name: str, weight: float, pairs: PairData, cfg: TrainConfig,
+def pair_objective(name: str, weight: float, source: str, pairs: PairData, cfg: TrainConfig,
                    tokenizer: Tokenizer, max_tokens: int) -> Objective:
-    """CoSENT on every scored pair, or MNRL on the label-1 pairs."""
-    source = cfg.mnrl_pairs if name == "mnrl" and cfg.mnrl_pairs else cfg.pairs
+    """CoSENT on every scored pair, or MNRL on the label-1 pairs (`pairs`, read from
+    `source`)."""
     if name == "cosent" and not pairs.has_scores:
         raise TrainError(f"CoSENT needs a score column in {source}")
     keep = np.arange(len(pairs)) if name == "cosent" else np.flatnonzero(pairs.label)
@@ -141,10 +148,13 @@ def load_objectives(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device
     objectives = []
     if "distill" in weights:
         objectives.append(distill_objective(cfg, weights["distill"], device, max_tokens))
+    read: dict[str, PairData] = {}  # CoSENT and MNRL on --pairs read the file once
     for name in ("cosent", "mnrl"):
         if name in weights:
             path = cfg.mnrl_pairs if name == "mnrl" and cfg.mnrl_pairs else cfg.pairs
-            objectives.append(pair_objective(name, weights[name], read_pairs(path), cfg,
+            if path not in read:
+                read[path] = read_pairs(path)
+            objectives.append(pair_objective(name, weights[name], path, read[path], cfg,
                                              tokenizer, max_tokens))
     return objectives
 
