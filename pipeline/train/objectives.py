@@ -100,7 +100,7 @@ def read_cached_vectors(path: Path, rows: int) -> np.ndarray | None:
 @lru_cache(maxsize=2)
 def distill_corpus(paths: tuple[str, ...], max_tokens: int) -> tuple[list[str], TokenTable]:
     """The distillation texts (deduplicated) and their tokens. Cached: several runs in one
-    process (benchmarks/train_gpu.py) read and tokenize the corpus once."""
+    process (the tests; a notebook's sweep) read and tokenize the corpus once."""
     texts = unique_texts([read_texts(p) for p in paths])
     if not texts:
         raise TrainError("--distill-data holds no text")
