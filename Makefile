@@ -28,8 +28,9 @@ $(RUNTIME): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e .
 	touch $@
 
+# The tests need the ray extra too: they run the Ray engines on a local cluster.
 $(DEV): $(RUNTIME)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,ray]"
 	touch $@
 
 $(RANKS): | $(RUNTIME)

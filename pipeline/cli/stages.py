@@ -49,19 +49,25 @@ def embed(
     devices: Annotated[str | None, typer.Option(
         help="With --index: one worker per device, e.g. cuda:0,cuda:1, or 'all' GPUs.")]
     = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
+    ray_tokens: Annotated[str | None, typer.Option(
+        help="With --ray: where the workers read INDEX/tokens/ (a path or URI such as "
+        "s3://bucket/index/tokens). Default: the folder's own path.")] = None,
 ):
     """Embed a sentence (JSON, as the seed), a file of lines (Parquet), or an index's shards."""
     check_pooling(pooling)
     modes = [x is not None for x in (sentence, file, index)]
     if sum(modes) != 1:
         raise UsageError("give exactly one of --sentence, --file or --index")
+    ray_options = parse_ray(ray, ray_actors, ray_tokens, index is not None)
     if index is not None:
         from pipeline.embed.stage import run_embed
 
         section = run_embed(index, model=model, device=device, pooling=pooling, dtype=dtype,
                             batch_tokens=batch_tokens, overwrite=overwrite,
                             precision=precision, console=err_console,
-                            devices=parse_devices(devices))
+                            devices=parse_devices(devices), ray=ray_options)
         if section["stats"]["rows"] == 0:
             err_console.print(f"embeddings in {index} are current: skipped")
         else:
@@ -79,10 +85,52 @@ def embed(
                     batch_tokens)
 
 
+RayOption = Annotated[str | None, typer.Option(
+    help="Run the stage on a Ray cluster: auto, local, ray://HOST:PORT or HOST:PORT "
+    "(needs the ray extra).")]
+RayActorsOption = Annotated[int | None, typer.Option(
+    help="With --ray: workers in the actor pool. Default: one per GPU of the cluster, else "
+    "one per CPU.")]
+
+
+def parse_ray(address: str | None, actors: int | None, tokens: str | None, for_index: bool):
+    """--ray and its options as the stage takes them (None: this machine's engine)."""
+    if address is None:
+        if actors is not None or tokens is not None:
+            raise UsageError("--ray-actors and --ray-tokens need --ray")
+        return None
+    if not for_index:
+        raise UsageError("--ray is for the stage: give --index")
+    if actors is not None and actors < 1:
+        raise UsageError("--ray-actors must be at least 1")
+    from pipeline.embed.stage import RayOptions
+
+    return RayOptions(address, actors, tokens)
+
+
 def print_embedded(stats: dict) -> None:
     err_console.print(f"embedded {stats['rows']:,} rows ({stats['tokens']:,} tokens) "
                       f"in {stats['seconds']:.1f} s: {stats['docs_per_s']:,.0f} docs/s, "
                       f"{stats['tokens_per_s']:,.0f} tokens/s", highlight=False)
+    if stats.get("engine") == "ray":
+        print_workers(stats)
+
+
+def print_workers(stats: dict) -> None:
+    """The Ray engine's summary: the cluster, when the first worker was ready, and what each
+    worker did."""
+    cluster, workers = stats["cluster"], stats["workers"]
+    ready = stats.get("models_ready_at_s")
+    err_console.print(
+        f"ray: {len(workers)} worker(s) on a cluster of {cluster['nodes']} node(s), "
+        f"{cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs"
+        + (f"; first worker ready after {ready:.1f} s" if ready is not None else ""),
+        highlight=False)
+    for w in workers:
+        err_console.print(
+            f"  {w['worker']} ({w['device']}, {w['precision']}): {w['rows']:,} rows in "
+            f"{w['pieces']} piece(s) of {w['shards']} shard(s), {w['tokens']:,} tokens in "
+            f"{w['seconds']:.1f} s ({w['tokens_per_s']:,.0f} tokens/s)", highlight=False)
 
 
 def print_sentence_json(encoder, sentence: str) -> None:
@@ -145,10 +193,13 @@ def tokenize(
     precision: Annotated[str, typer.Option(help="With --embed: auto, fp32 or bf16.")] = "auto",
     devices: Annotated[str | None, typer.Option(
         help="With --embed: one thread per device, e.g. cuda:0,cuda:1, or 'all'.")] = None,
+    ray: RayOption = None,
+    ray_actors: RayActorsOption = None,
 ):
     """Stage 1: read a corpus and write GPT-2 token shards to INDEX/tokens/.
 
-    With --embed, stage 2 runs at the same time, each shard embedded as soon as it is written.
+    With --embed, stage 2 runs at the same time, each shard embedded as soon as it is written
+    (with --ray: after it, both on the cluster).
     """
     from tqdm import tqdm
 
@@ -158,6 +209,20 @@ def tokenize(
     check_pooling(pooling)
     if not embed and any(x is not None for x in (model, pooling, device, batch_tokens, devices)):
         raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
+    ray_options = parse_ray(ray, ray_actors, None, True)
+    if ray_options is not None:
+        with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
+            result = run_tokenize(corpus, index, settings, progress=bar, force=force, ray=ray,
+                                  ray_actors=ray_actors)
+        print_tokenized(result, index)
+        if embed:
+            from pipeline.embed.stage import run_embed
+
+            section = run_embed(index, model=model, device=device, pooling=pooling,
+                                dtype=dtype, batch_tokens=batch_tokens, precision=precision,
+                                devices=parse_devices(devices), ray=ray_options)
+            print_embedded(section["stats"])
+        return
     if embed:
         from pipeline.embed.overlap import run_tokenize_and_embed
 
@@ -186,6 +251,14 @@ def print_tokenized(result: dict, index: Path) -> None:
         f"{stats.get('non_text_skipped', 0)} non-text, "
         f"replaced undecodable bytes in {stats['undecodable_replaced']}, split "
         f"{stats['split_documents']} long documents", highlight=False)
+    if stats.get("engine") == "ray":
+        cluster = stats["cluster"]
+        err_console.print(f"ray: {len(stats['workers'])} worker(s) on {cluster['nodes']} "
+                          f"node(s) read {stats['pieces']} piece(s)", highlight=False)
+        for w in stats["workers"]:
+            err_console.print(f"  {w['worker']}: {w['documents']:,} documents in "
+                              f"{w['pieces']} piece(s), {w['tokens']:,} tokens in "
+                              f"{w['seconds']:.1f} s", highlight=False)
 
 
 @app.command("build-index", rich_help_panel=BUILD)

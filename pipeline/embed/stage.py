@@ -13,15 +13,20 @@ from __future__ import annotations
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.embed.encoder import Encoder, compile_ahead
 from pipeline.embed.engines import END
 from pipeline.embed.engines.local import LocalEngine
+from pipeline.embed.engines.ray import RayEngine
 from pipeline.embed.shards import check_dtype
-from pipeline.errors import IndexFolderError
+from pipeline.errors import IndexFolderError, UsageError
 from pipeline.folder import IndexFolder
 from pipeline.hashing import file_sha256
+from pipeline.ray_cluster import connect
+
+GPU_BATCH_TOKENS = 65536  # Encoder.default_batch_tokens on a GPU, for GPU actors
 
 
 def load_encoders(model: str | None, device: str | None, pooling: str | None, precision: str,
@@ -109,12 +114,14 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
               pooling: str | None = None, dtype: str = "float32",
               batch_tokens: int | None = None,
               overwrite: bool = False, precision: str = "auto", console=None,
-              devices: list[str] | None = None, encoders: list[Encoder] | None = None) -> dict:
+              devices: list[str] | None = None, encoders: list[Encoder] | None = None,
+              ray: RayOptions | None = None) -> dict:
     """Embed every token shard not yet recorded as done; returns the manifest's embed section.
 
     `devices` (several) runs one thread per device, each with its own copy of the model,
     taking the next unfinished shard; only the calling thread records finished shards.
     `encoders`, if given, are the loaded models to use (the caller resolved `model`).
+    `ray` runs the work on a Ray cluster instead (engines/ray.py).
     """
     check_dtype(dtype)
     folder = IndexFolder(index_dir)
@@ -123,11 +130,20 @@ def run_embed(index_dir: str | Path, model: str | None = None, device: str | Non
                                "first")
     with folder.writing("embed"):
         return embed_folder(folder, model, device, pooling, dtype, batch_tokens, overwrite,
-                            precision, devices, encoders)
+                            precision, devices, encoders, ray)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`--ray ADDRESS` and its options: how many actors, and where workers read the tokens."""
+
+    address: str
+    actors: int | None = None
+    tokens_location: str | None = None
 
 
 def embed_folder(folder: IndexFolder, model, device, pooling, dtype, batch_tokens, overwrite,
-                 precision, devices, encoders) -> dict:
+                 precision, devices, encoders, ray: RayOptions | None = None) -> dict:
     """`run_embed` once the folder is held."""
     shards = folder.token_shards
     if not shards:
@@ -135,28 +151,57 @@ def embed_folder(folder: IndexFolder, model, device, pooling, dtype, batch_token
                                "first")
     if not overwrite:
         model = resumed_model(folder.manifest, model)
+    if ray is not None:
+        if devices:
+            raise UsageError("--devices is for this machine's GPUs: with --ray, the cluster's "
+                             "GPUs are used, one actor each (--ray-actors)")
+        cluster = connect(ray.address)
+        # The driver's copy only names the model (identity, spec) for the workers to load.
+        encoders = encoders or load_encoders(model, "cpu", pooling, "fp32", None)
     encoders = encoders or load_encoders(model, device, pooling, precision, devices)
     check_max_tokens(folder.manifest["tokenize"]["settings"]["max_tokens"], encoders[0])
     if not overwrite:
         check_resumable(folder, encoders[0], dtype)
     done = {} if overwrite else intact_shards(folder, folder.embed.get("shards", {}))
-    batch_tokens = batch_tokens or encoders[0].default_batch_tokens
+    gpu = ray is not None and ray_uses_gpus(cluster, device)
+    batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if gpu else encoders[0].default_batch_tokens)
     section = {**embed_section(encoders, dtype, batch_tokens), "shards": done}
+    if ray is not None:
+        engine = RayEngine(folder.path, encoders[0], dtype, batch_tokens, cluster, gpu,
+                           precision, ray.actors, ray.tokens_location)
+        section.update(device=f"ray: {engine.actors} x {'cuda' if gpu else 'cpu'}",
+                       precision=precision)
+    else:
+        engine = LocalEngine(folder.path, encoders, dtype, batch_tokens)
     folder.manifest["embed"] = section
     folder.write_manifest()
 
     todo = [s for s in shards if s["name"] not in done]
     total_rows = sum(s["rows"] for s in todo)
     started, timings = time.perf_counter(), new_timings()
-    engine = LocalEngine(folder.path, encoders, dtype, batch_tokens)
     n_tokens = embed_with_progress(folder, engine, shard_queue(todo), total_rows, timings)
     section["stats"] = {**embed_stats(total_rows, n_tokens, time.perf_counter() - started,
                                       timings), "skipped_shards": len(shards) - len(todo)}
+    if ray is not None:
+        workers = engine.summary()
+        section["precision"] = ",".join(sorted({w["precision"] for w in workers})) or precision
+        section["stats"].update(engine="ray", cluster=cluster, workers=workers)
     folder.write_manifest()
     return section
 
 
-def embed_with_progress(folder: IndexFolder, engine: LocalEngine, tasks: queue.Queue,
+def ray_uses_gpus(cluster: dict, device: str | None) -> bool:
+    """GPU actors where the cluster has GPUs, unless --device cpu; --device cuda insists."""
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device} with --ray: give cpu or cuda")
+    if device is not None and device.startswith("cuda"):
+        if not cluster["gpus"]:
+            raise UsageError("--device cuda with --ray: the cluster has no GPU")
+        return True
+    return device is None and cluster["gpus"] > 0
+
+
+def embed_with_progress(folder: IndexFolder, engine: LocalEngine | RayEngine, tasks: queue.Queue,
                         total_rows: int, timings: dict) -> int:
     """Run `engine` over `tasks` under a progress bar, recording each finished shard in the
     manifest as it is written; returns the tokens embedded."""

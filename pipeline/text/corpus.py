@@ -33,7 +33,7 @@ import fnmatch
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -333,7 +333,10 @@ def numbered_rows(reader, name: str) -> Iterator[tuple[int, list[str]]]:
         yield line_no, row
 
 
-def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Record]:
+def read_parquet_file(path, name, stats, text_field, id_field,
+                      row_groups: Sequence[int] | None = None) -> Iterator[Record]:
+    """Records of a Parquet file, or of its `row_groups` only (a Ray piece of the file,
+    text/ray_tokenize.py): numbered by row in the whole file either way."""
     try:
         pf = pq.ParquetFile(str(path))
     except (pa.ArrowInvalid, OSError) as err:
@@ -343,8 +346,9 @@ def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Recor
         raise CorpusError(f"{name}: no column {text_field!r} (columns: {', '.join(columns)}); "
                           "choose it with --text-column")
     wanted = [text_field] + ([id_field] if id_field and id_field in columns else [])
-    row_no = 0
-    for batch in pf.iter_batches(batch_size=8192, columns=wanted):
+    row_no = sum(pf.metadata.row_group(g).num_rows for g in range(row_groups[0])
+                 ) if row_groups else 0
+    for batch in pf.iter_batches(batch_size=8192, columns=wanted, row_groups=row_groups):
         texts = batch.column(text_field).to_pylist()
         ids = batch.column(id_field).to_pylist() if len(wanted) > 1 else [None] * len(texts)
         stats.bytes_read += batch.nbytes
@@ -354,10 +358,11 @@ def read_parquet_file(path, name, stats, text_field, id_field) -> Iterator[Recor
 
 
 def read_records(path: Path, name: str, stats: ReadStats, text_field: str,
-                 id_field: str | None) -> Iterator[Record]:
+                 id_field: str | None, row_groups: Sequence[int] | None = None
+                 ) -> Iterator[Record]:
     fmt, compression = split_suffixes(path)
     if fmt == "parquet":
-        return read_parquet_file(path, name, stats, text_field, id_field)
+        return read_parquet_file(path, name, stats, text_field, id_field, row_groups)
     if fmt == "jsonl":
         return read_jsonl_file(path, compression, name, stats, text_field, id_field)
     if fmt in ("csv", "tsv"):
@@ -409,24 +414,44 @@ def iter_documents(files: list[Path], root: Path, stats: ReadStats,
     ids = IdCheck()
     for path in files:
         name = file_name(path, root)
-        stats.files += 1
-        before = stats.documents
-        for record in read_records(path, name, stats, text_field, id_field):
-            stats.documents += 1
-            text = text_value(record.text)
-            if text is None:
-                stats.non_text_skipped += 1
-                continue
-            doc_id, derived = document_id(name, record)
-            if ids.may_repeat(doc_id, name, derived):
-                here = place(name, record)
-                first = first_place(files, root, doc_id, text_field, id_field)
-                if first != here:
-                    raise CorpusError(f"corpus has the id {json.dumps(doc_id)} twice: {first} "
-                                      f"and {here}: ids must be unique (give --id-field '' "
-                                      "for FILE:LINE ids)")
-            yield Document(doc_id, text)
-        stats.per_file[name] = stats.documents - before
+        for document, derived, record in file_documents(path, name, stats, text_field,
+                                                        id_field):
+            if ids.may_repeat(document.doc_id, name, derived):
+                check_repeat(files, root, document.doc_id, place(name, record), text_field,
+                             id_field)
+            yield document
+
+
+def file_documents(path: Path, name: str, stats: ReadStats, text_field: str,
+                   id_field: str | None, row_groups: Sequence[int] | None = None
+                   ) -> Iterator[tuple[Document, bool, Record]]:
+    """(document, whether its id is derived, its record) for each record of one file (or of
+    its Parquet `row_groups`) that holds text, counting into `stats`; ids are not checked
+    for repeats here (`IdCheck`: across the corpus)."""
+    if not row_groups or row_groups[0] == 0:
+        stats.files += 1  # a file in pieces counts once, with its first piece
+    before = stats.documents
+    for record in read_records(path, name, stats, text_field, id_field, row_groups):
+        stats.documents += 1
+        text = text_value(record.text)
+        if text is None:
+            stats.non_text_skipped += 1
+            continue
+        doc_id, derived = document_id(name, record)
+        yield Document(doc_id, text), derived, record
+    stats.per_file[name] = stats.per_file.get(name, 0) + stats.documents - before
+
+
+def check_repeat(files: list[Path], root: Path, doc_id: str, here: str | None,
+                 text_field: str, id_field: str | None) -> None:
+    """Raise the CorpusError of a repeated id, naming both places, if the id that `IdCheck`
+    says may repeat (at `here`, or None: the second place is found too) really does."""
+    found = places(files, root, doc_id, text_field, id_field, 1 if here else 2)
+    second = here or (found[1] if len(found) > 1 else None)
+    if found and second is not None and found[0] != second:
+        raise CorpusError(f"corpus has the id {json.dumps(doc_id)} twice: {found[0]} "
+                          f"and {second}: ids must be unique (give --id-field '' "
+                          "for FILE:LINE ids)")
 
 
 class IdCheck:
@@ -451,16 +476,19 @@ class IdCheck:
         return file in self.derived_in and number.isdigit()
 
 
-def first_place(files: list[Path], root: Path, doc_id: str, text_field: str,
-                id_field: str | None) -> str | None:
-    """Where a document with this id first occurs: read again from the start, which only a
-    repeated id (an error) or a given id shaped like a derived one costs."""
-    stats = ReadStats()
+def places(files: list[Path], root: Path, doc_id: str, text_field: str,
+           id_field: str | None, count: int) -> list[str]:
+    """Where the documents with this id occur, the first `count` of them: read again from
+    the start, which only a repeated id (an error) or a given id shaped like a derived one
+    costs."""
+    stats, found = ReadStats(), []
     for path in files:
         name = file_name(path, root)
         for record in read_records(path, name, stats, text_field, id_field):
             if text_value(record.text) is None:
                 continue
             if document_id(name, record)[0] == doc_id:
-                return place(name, record)
-    return None
+                found.append(place(name, record))
+                if len(found) == count:
+                    return found
+    return found

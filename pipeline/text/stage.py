@@ -182,13 +182,15 @@ def is_current(folder: IndexFolder, section: dict) -> bool:
 
 def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSettings,
                  progress=None, force: bool = False, on_shard=None,
-                 locked: bool = False) -> dict:
+                 locked: bool = False, ray: str | None = None,
+                 ray_actors: int | None = None) -> dict:
     """Tokenize a corpus into an index folder; returns the manifest's tokenize section.
 
     `progress` is a tqdm-like object (update(n), set_postfix) or None. `on_shard(record,
     table)` is called with each shard as soon as it is written (the embed stage can start on
     it: `pipeline tokenize --embed`); an exception it raises stops the stage. `locked`: the
-    caller (the parent of this process) holds the folder's write lock already.
+    caller (the parent of this process) holds the folder's write lock already. `ray`: a
+    cluster's address (ray_cluster.connect) to read and encode on, `ray_actors` workers.
     """
     folder = IndexFolder(index_dir)
     files, root = resolve_corpus(corpus)
@@ -198,12 +200,20 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         refuse_foreign_folder(folder)
         if not force and is_current(folder, section):
             return {**folder.manifest["tokenize"], "skipped": True}
+        source = None
+        if ray is not None:
+            from pipeline.ray_cluster import connect
+            from pipeline.text.ray_tokenize import RayTokenizer
+
+            connect(ray)
+            source = RayTokenizer(files, root, settings, ray_actors)
         work = folder.path / (TOKENS_DIR + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            shards, stats, counts, seconds = write_token_shards(files, root, work, settings,
-                                                                progress, on_shard=on_shard)
+            shards, stats, counts, seconds = write_token_shards(
+                files, root, work, settings, progress, on_shard=on_shard,
+                source=source and source.batches)
         except BaseException:
             # Nothing half-written survives: the previous tokens (if any) stay as they were.
             shutil.rmtree(work, ignore_errors=True)
@@ -213,6 +223,8 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         swap_in_tokens(folder, work)
         result = {**section, "shards": shards, "stats": tokenize_stats(stats, counts, seconds),
                   "versions": versions()}
+        if source is not None:
+            result["stats"].update(source.summary())
         folder.write_manifest({"format_version": FORMAT_VERSION, "tokenize": result})
     return result
 
@@ -291,7 +303,9 @@ class ShardWriter:
     def _write(self, upto: int) -> None:
         """Write the first `upto` pending rows as the next shard."""
         table = pa.concat_tables(self._pending)
-        shard, rest = table.slice(0, upto), table.slice(upto)
+        # One chunk per column: how rows were batched must not show in the file (Parquet's
+        # dictionary pages follow the chunks), so any engine's shards are byte-identical.
+        shard, rest = table.slice(0, upto).combine_chunks(), table.slice(upto)
         first = self.rows - self._n_pending
         shard = shard.set_column(0, "row", numpy_to_arrow(np.arange(first, first + upto)))
         name = shard_name(len(self.shards))
@@ -335,18 +349,22 @@ def encoded_batches(docs: Iterator[Document], settings: TokenizeSettings, stats:
 
 
 def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
-                       progress, workers: int | None = None, on_shard=None):
-    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds)."""
+                       progress, workers: int | None = None, on_shard=None, source=None):
+    """Stream documents into shards under `work`; returns (shards, stats, counts, seconds).
+
+    `source(stats)`, if given, yields the encoded batches instead of this machine's worker
+    processes, as (documents read, tokens, split documents, table), in corpus order
+    (text/ray_tokenize.py's `RayTokenizer.batches`)."""
     stats = ReadStats()
     started = time.perf_counter()
     writer = ShardWriter(work, settings, on_shard)
     n_tokens = split_docs = 0
-    docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
-    for n_read, rows, table in encoded_batches(docs, settings, stats,
-                                               workers or min(8, os.cpu_count() or 1)):
+    batches = (source(stats) if source is not None
+               else local_batches(files, root, settings, stats, workers))
+    for n_read, batch_tokens, batch_split, table in batches:
         writer.add(table)
-        n_tokens += int(rows["offsets"][-1])
-        split_docs += int((rows["chunk"] == 1).sum())
+        n_tokens += batch_tokens
+        split_docs += batch_split
         if progress is not None:
             progress.update(n_read)
             progress.set_postfix(rows=writer.rows, MB=f"{stats.bytes_read / 1e6:.0f}")
@@ -357,6 +375,15 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
                           f"{stats.non_text_skipped} not text)")
     counts = {"rows": writer.rows, "split_documents": split_docs, "tokens": n_tokens}
     return writer.shards, stats, counts, time.perf_counter() - started
+
+
+def local_batches(files, root, settings: TokenizeSettings, stats: ReadStats,
+                  workers: int | None):
+    """This machine's encoded batches, as `write_token_shards` takes them."""
+    docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
+    for n_read, rows, table in encoded_batches(docs, settings, stats,
+                                               workers or min(8, os.cpu_count() or 1)):
+        yield n_read, int(rows["offsets"][-1]), int((rows["chunk"] == 1).sum()), table
 
 
 def versions() -> dict:

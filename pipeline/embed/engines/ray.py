@@ -1,0 +1,326 @@
+"""The embed stage on a Ray cluster (`pipeline embed --index DIR --ray ADDRESS`), on Ray Data.
+
+The work is a dataset of *pieces*, one row each: a token shard's name, where a worker reads
+it, and which part of it to embed. An actor pool (`map_batches` with `EmbedPieces`, a
+callable class that loads the model once per actor) turns each piece into its rows' vectors,
+and the driver, this process, puts each shard's vectors together, writes the shard exactly as
+the local engine does and only then commits it to the manifest (stage.py). So:
+
+- the output is byte for byte the local engine's on a CPU: a CPU piece is a run of the very
+  batches the local engine forms for that shard (`plan_batches`, length-sorted within the
+  token budget), and a batch's vectors do not depend on which process or how many threads
+  computed them (tested); pieces of ~PIECE_ROWS rows keep every actor busy to the end even
+  when a corpus has fewer shards than actors. A GPU piece is a whole shard (the packed path
+  plans its passes over the shard: same vectors as the local engine's, row groups may
+  differ);
+- Ray Data's defaults (rows reordered, files named at random) never touch the output: rows
+  go back by index into their shard, the driver names the file, and a piece that arrives twice
+  (a task retried after its actor died) is taken once;
+- a lost worker costs its pieces in flight: Ray restarts the actor and retries them
+  (Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1); a killed driver
+  costs the shards not yet committed, which the rerun redoes, as with the local engine.
+
+The workers get the model's files and the ranks file through the object store
+(ray_cluster.ship_files), and read token shards where they are (ray_cluster.read_bytes),
+checking each one's sha256 against the manifest before using it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.embed.batching import plan_batches
+from pipeline.embed.engines import END
+from pipeline.embed.engines.local import WRITE_ROWS
+from pipeline.embed.gpu import PendingVectors
+from pipeline.embed.shards import DTYPES, shard_tokens, write_embedding_shard
+from pipeline.errors import IndexFolderError, UsageError
+from pipeline.folder import EMBEDDINGS_DIR, TOKENS_DIR, check_shard
+from pipeline.text.tokenizer import ENV_RANKS, RANKS_FILENAME, find_ranks_file
+
+# Rows per CPU piece: ~50 pieces for the default corpus's 51k rows, ~8 s each on one core,
+# so that the last pieces to finish end close together.
+PIECE_ROWS = 1024
+MODEL_FILES = "model"  # prefixes of the workers' temp folders
+RANKS_FILES = "ranks"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every actor is told: how to load the model and embed (the same as the driver's)."""
+
+    model_sha256: str
+    random_spec: str | None  # `random:PRESET:SEED`: made on the worker, nothing shipped
+    pooling: str
+    precision: str
+    dtype: str
+    batch_tokens: int
+    gpu: bool
+    threads: int  # torch threads per CPU actor
+
+
+def split_batches(batches: list[list[int]], lengths: np.ndarray, pieces: int
+                  ) -> list[list[list[int]]]:
+    """`batches` (in plan order) cut into `pieces` consecutive runs of about equal padded
+    cost (size x longest), so pieces take about equal time; a run may be empty. Pure: the
+    driver counts on every worker cutting a shard the same way."""
+    costs = np.array([len(b) * max(int(lengths[b].max()), 1) for b in batches], dtype=np.float64)
+    middle = np.cumsum(costs) - costs / 2  # each batch goes to the run its midpoint is in
+    run = np.minimum((middle / max(costs.sum(), 1.0) * pieces).astype(np.int64), pieces - 1)
+    runs: list[list[list[int]]] = [[] for _ in range(pieces)]
+    for batch, r in zip(batches, run.tolist(), strict=True):
+        runs[r].append(batch)
+    return runs
+
+
+class EmbedPieces:
+    """A Ray Data actor: loads the model once, then embeds one piece per call."""
+
+    def __init__(self, settings: WorkerSettings, model_files, ranks_files):
+        import ray
+        import torch
+
+        from pipeline.embed.encoder import Encoder
+        from pipeline.ray_cluster import unpack_files, worker_name
+
+        self.settings, self.name = settings, worker_name()
+        if ranks_files is not None:
+            os.environ[ENV_RANKS] = str(unpack_files(ray.get(ranks_files[0]), RANKS_FILES)
+                                        / RANKS_FILENAME)
+        if not settings.gpu:
+            torch.set_num_threads(settings.threads)
+        spec = settings.random_spec or str(unpack_files(ray.get(model_files[0]), MODEL_FILES))
+        self.encoder = Encoder.load(spec, "cuda" if settings.gpu else "cpu", settings.pooling,
+                                    settings.precision)
+        if self.encoder.sha256 != settings.model_sha256:
+            raise IndexFolderError(f"the model on {self.name} is not the driver's (sha256 "
+                                   f"{self.encoder.sha256[:12]} != {settings.model_sha256[:12]})")
+        self.encoder.warm_up()
+        self.ready_at = time.time()  # wall clock: the driver's is on another host's clock
+        self._cached: tuple[str, np.ndarray, np.ndarray] | None = None  # the last shard read
+
+    def __call__(self, batch: dict) -> dict:
+        item = {key: column[0] for key, column in batch.items()}  # batch_size=1: one piece
+        shard, piece = str(item["shard"]), int(item["piece"])
+        started = time.perf_counter()
+        values, offsets = self._tokens(shard, str(item["location"]), str(item["sha256"]))
+        rows, vectors = self._embed(values, offsets, piece, int(item["pieces"]))
+        return {"shard": np.array([shard]), "piece": np.array([piece]),
+                "rows": np.array([rows.astype(np.int64).tobytes()], dtype=object),
+                "vectors": np.array([np.ascontiguousarray(vectors).tobytes()], dtype=object),
+                "tokens": np.array([int(sum(offsets[r + 1] - offsets[r] for r in rows))]),
+                "worker": np.array([self.name]), "device": np.array([str(self.encoder.device)]),
+                "precision": np.array([self.encoder.precision]),
+                "seconds": np.array([time.perf_counter() - started]),
+                "ready_at": np.array([self.ready_at])}
+
+    def _tokens(self, shard: str, location: str, sha256: str):
+        """A token shard's (values, offsets), read where it is, checked against its hash."""
+        from pipeline.ray_cluster import read_bytes
+
+        if self._cached is None or self._cached[0] != shard:
+            data = read_bytes(location)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise IndexFolderError(f"{location} on {self.name} is not the token shard the "
+                                       "manifest records (its sha256 differs): is the "
+                                       "workers' copy of the folder stale?")
+            table = pq.read_table(pa.BufferReader(data), columns=["tokens"])
+            self._cached = (shard, *shard_tokens(table))
+        return self._cached[1], self._cached[2]
+
+    def _embed(self, values, offsets, piece: int, pieces: int):
+        """(rows, vectors) of one piece: the whole shard on a GPU (packed passes), else the
+        piece's run of the local engine's own padded batches (float32, as it computes them)."""
+        s = self.settings
+        if s.gpu:
+            vectors = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
+                                                    DTYPES[s.dtype]).result()
+            return np.arange(len(offsets) - 1), vectors
+        lengths = np.diff(offsets)
+        batches = plan_batches(lengths.tolist(), s.batch_tokens)
+        mine = split_batches(batches, lengths, pieces)[piece]
+        if not mine:
+            return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32)
+        vectors = [self.encoder.embed_batch([values[offsets[i]:offsets[i + 1]] for i in b])
+                   for b in mine]
+        return np.concatenate([np.asarray(b) for b in mine]), np.concatenate(vectors)
+
+
+@dataclass
+class ShardAssembly:
+    """A shard's vectors as its pieces come back, in row order."""
+
+    record: dict
+    pieces: int
+    vectors: np.ndarray
+    arrived: set = field(default_factory=set)
+
+    def add(self, piece: int, rows: np.ndarray, vectors: np.ndarray) -> bool:
+        """Put a piece's vectors in place; False if this piece was here already (a retry)."""
+        if piece in self.arrived:
+            return False
+        self.arrived.add(piece)
+        self.vectors[rows] = vectors
+        return True
+
+    @property
+    def whole(self) -> bool:
+        return len(self.arrived) == self.pieces
+
+
+@dataclass
+class WorkerTally:
+    """What one worker did, for the summary."""
+
+    device: str = ""
+    precision: str = ""
+    shards: set = field(default_factory=set)
+    pieces: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self, name: str) -> dict:
+        return {"worker": name, "device": self.device, "precision": self.precision,
+                "shards": len(self.shards), "pieces": self.pieces, "rows": self.rows,
+                "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1)}
+
+
+def actor_plan(cluster: dict, actors: int | None, gpu: bool) -> tuple[int, float]:
+    """(actors, CPUs each): one per GPU on a GPU cluster; else one per CPU, each with an
+    equal share of the cluster's CPUs (fractional where --ray-actors asks for more)."""
+    if gpu:
+        n = actors or int(cluster["gpus"])
+        if n < 1:
+            raise UsageError("--device cuda with --ray: the cluster has no GPU")
+        return n, 1.0
+    cpus = max(cluster["cpus"], 1.0)
+    n = actors or max(int(cpus), 1)
+    return n, cpus / n
+
+
+class RayEngine:
+    """Embeds the shards of INDEX on a Ray cluster; `run` as engines/__init__.py describes.
+
+    `model_spec`/`model_sha256` name the driver's model (the workers load the same weights and
+    check their hash), `tokens_location` where the workers read INDEX/tokens/ (default: the
+    folder's own path, for a shared filesystem or a one-machine cluster).
+    """
+
+    def __init__(self, index_dir: Path, encoder, dtype: str, batch_tokens: int, cluster: dict,
+                 gpu: bool, precision: str, actors: int | None = None,
+                 tokens_location: str | None = None):
+        self.index_dir, self.dtype, self.batch_tokens = index_dir, dtype, batch_tokens
+        self.out_dir = index_dir / EMBEDDINGS_DIR
+        self.encoder, self.gpu, self.precision = encoder, gpu, precision
+        self.actors, self.cpus_per_actor = actor_plan(cluster, actors, gpu)
+        self.tokens_location = (tokens_location or str(index_dir.resolve() / TOKENS_DIR)
+                                ).rstrip("/")
+        self.workers: dict[str, WorkerTally] = defaultdict(WorkerTally)
+
+    def run(self, tasks: queue.Queue, commit, bar, timings: dict,
+            stop: threading.Event | None = None) -> int:
+        shards = []
+        while (task := tasks.get()) is not END:
+            shard, _ = task  # a table handed over in this process is on disk as well
+            check_shard(self.index_dir / TOKENS_DIR / shard["name"], shard,
+                        f"run `pipeline tokenize CORPUS --index {self.index_dir} --force`")
+            shards.append(shard)
+        if not shards:
+            return 0
+        assemblies = {s["name"]: ShardAssembly(
+            s, 1 if self.gpu else math.ceil(s["rows"] / PIECE_ROWS),
+            np.zeros((s["rows"], self.encoder.dim), np.float32)) for s in shards}
+        n_tokens = 0
+        for result in self._results(shards, assemblies).iter_rows():
+            assembly = assemblies[result["shard"]]
+            rows = np.frombuffer(result["rows"], np.int64)
+            vectors = np.frombuffer(result["vectors"], self._piece_dtype()).reshape(
+                len(rows), self.encoder.dim)
+            if not assembly.add(int(result["piece"]), rows, vectors):
+                continue
+            if timings["first_shard_at_s"] is None:
+                timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
+                # When the first actor was ready (its clock: close enough on one cluster).
+                timings["models_ready_at_s"] = round(timings["first_shard_at_s"] - (
+                    time.time() - float(result["ready_at"])), 3)
+            self._tally(result, len(rows))
+            n_tokens += int(result["tokens"])
+            timings["gpu_s"] += float(result["seconds"])
+            bar.update(len(rows))
+            if assembly.whole:
+                commit(assembly.record["name"], self._write(assembly, timings))
+                del assemblies[assembly.record["name"]]
+            if stop is not None and stop.is_set():
+                break
+        timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
+        return n_tokens
+
+    def _piece_dtype(self):
+        return DTYPES[self.dtype] if self.gpu else np.float32
+
+    def _results(self, shards: list[dict], assemblies: dict):
+        """The dataset of pieces, mapped by the actor pool (lazy: runs as it is iterated)."""
+        import ray.data
+
+        from pipeline.ray_cluster import ship_files
+
+        items = [{"shard": s["name"], "piece": k, "pieces": assemblies[s["name"]].pieces,
+                  "location": f"{self.tokens_location}/{s['name']}", "sha256": s["sha256"]}
+                 for s in shards for k in range(assemblies[s["name"]].pieces)]
+        spec = self.encoder.spec
+        random_spec = spec if spec.startswith("random:") else None
+        # In a list: Ray Data would otherwise hand the actors the value, fetched on the
+        # driver first; a reference inside a list travels as a reference.
+        model_files = None if random_spec else [ship_files(
+            {p.name: p for p in Path(spec).iterdir() if p.is_file()})]
+        ranks = find_ranks_file()
+        ranks_files = [ship_files({RANKS_FILENAME: ranks})] if ranks else None
+        settings = WorkerSettings(self.encoder.sha256, random_spec, self.encoder.pooling,
+                                  self.precision, self.dtype, self.batch_tokens, self.gpu,
+                                  max(1, int(self.cpus_per_actor)))
+        resources = {"num_gpus": 1} if self.gpu else {"num_cpus": self.cpus_per_actor}
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            EmbedPieces, batch_size=1, batch_format="numpy",
+            fn_constructor_args=(settings, model_files, ranks_files),
+            compute=ray.data.ActorPoolStrategy(size=self.actors), **resources)
+
+    def _tally(self, result: dict, rows: int) -> None:
+        tally = self.workers[str(result["worker"])]
+        tally.device, tally.precision = str(result["device"]), str(result["precision"])
+        tally.shards.add(str(result["shard"]))
+        tally.pieces += 1
+        tally.rows += rows
+        tally.tokens += int(result["tokens"])
+        tally.seconds += float(result["seconds"])
+
+    def _write(self, assembly: ShardAssembly, timings: dict) -> dict:
+        """Write a whole shard as the local engine does: the same table, vectors cast to the
+        stored dtype, the same blocks (`PendingVectors.parts`)."""
+        t = time.perf_counter()
+        name = assembly.record["name"]
+        table = pq.read_table(self.index_dir / TOKENS_DIR / name,
+                              columns=["row", "doc_id", "chunk"])
+        vectors = assembly.vectors.astype(DTYPES[self.dtype], copy=False)
+        record = write_embedding_shard(self.out_dir / name, table,
+                                       PendingVectors(host=vectors).parts(WRITE_ROWS))
+        timings["write_s"] += time.perf_counter() - t
+        return record
+
+    def summary(self) -> list[dict]:
+        """What each worker did, busiest first."""
+        return sorted((t.as_dict(name) for name, t in self.workers.items()),
+                      key=lambda w: -w["rows"])

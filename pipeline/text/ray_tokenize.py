@@ -1,0 +1,215 @@
+"""The tokenize stage's reading and encoding on a Ray cluster (`pipeline tokenize --ray`).
+
+The corpus is cut into *pieces*: a file, or a run of a large Parquet file's row groups. An
+actor pool on Ray Data (`TokenizePieces`: the tokenizer loaded once per actor) reads and
+encodes each piece into token rows, exactly as the local stage's worker processes encode a
+batch (`encode_batch_rows`, `rows_to_table`); Ray Data hands the results back in piece
+order (`preserve_order`), and the driver feeds them to the same `ShardWriter` as the local
+stage. Rows are cut into shards and numbered only there, so the shards, their names and
+the manifest are the local stage's, whatever the cluster. Ids are checked for repeats
+across the whole corpus on the driver (`IdCheck`), in corpus order.
+
+Workers read the corpus where it is (a shared filesystem; the paths are the driver's) and
+get GPT-2's ranks file through the object store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.text.corpus import (
+    Document,
+    IdCheck,
+    ReadStats,
+    check_repeat,
+    file_documents,
+    file_name,
+    split_suffixes,
+)
+from pipeline.text.tokenizer import ENV_RANKS, RANKS_FILENAME, find_ranks_file
+
+PIECE_ROWS = 50_000  # rows of Parquet row groups per piece, at least (one shard's worth)
+BATCH_DOCS = 2048  # documents per encode, as the local stage's batches
+
+
+def corpus_pieces(files: list[Path], piece_rows: int) -> list[dict]:
+    """The pieces, in corpus order: each file whole, except a Parquet file of several row
+    groups, cut into runs of row groups of at least `piece_rows` rows."""
+    pieces = []
+    for path in files:
+        groups = parquet_row_groups(path)
+        if len(groups) <= 1:
+            pieces.append({"path": str(path), "row_groups": None})
+            continue
+        run, rows = [], 0
+        for group, n in enumerate(groups):
+            run.append(group)
+            rows += n
+            if rows >= piece_rows:
+                pieces.append({"path": str(path), "row_groups": run})
+                run, rows = [], 0
+        if run:
+            pieces.append({"path": str(path), "row_groups": run})
+    return pieces
+
+
+def parquet_row_groups(path: Path) -> list[int]:
+    """Rows per row group of a Parquet file; [] for other files (and unreadable Parquet,
+    which the reader then refuses with its own message)."""
+    if split_suffixes(path)[0] != "parquet":
+        return []
+    try:
+        metadata = pq.ParquetFile(str(path)).metadata
+    except (pa.ArrowInvalid, OSError):
+        return []
+    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+
+
+def tokenize_piece(piece: dict, root: Path, settings) -> dict:
+    """One piece read and encoded: its token rows (row numbers from 0: the driver numbers
+    them), the ids of its documents with text in order (with whether each is derived), the
+    counts of the local stage's batches, and its ReadStats. Pure but for reading the file."""
+    from pipeline.text.stage import encode_batch_rows, rows_to_table
+
+    path = Path(piece["path"])
+    stats = ReadStats()
+    ids, derived = [], []
+    tables, n_read, n_tokens, split = [], 0, 0, 0
+    batch: list[Document] = []
+
+    def encode():
+        nonlocal n_tokens, split
+        kept = [d for d in batch if d.text.strip()]
+        stats.empty_skipped += len(batch) - len(kept)
+        rows = encode_batch_rows([d.text for d in kept], settings.max_tokens, settings.overlap)
+        tables.append(rows_to_table(rows, kept, 0))
+        n_tokens += int(rows["offsets"][-1])
+        split += int((rows["chunk"] == 1).sum())
+
+    name = file_name(path, root)
+    for document, is_derived, _ in file_documents(path, name, stats, settings.text_field,
+                                                  settings.id_field, piece["row_groups"]):
+        ids.append(document.doc_id)
+        derived.append(is_derived)
+        batch.append(document)
+        if len(batch) == BATCH_DOCS:
+            encode()
+            n_read += len(batch)
+            batch = []
+    if batch:
+        encode()
+        n_read += len(batch)
+    # Records that were not text are read documents too (the local stage counts them in
+    # the batches' progress only as documents; they never reach a batch).
+    return {"table": pa.concat_tables(tables) if tables else None, "name": name, "ids": ids,
+            "derived": derived, "tokens": n_tokens, "split": split, "stats": stats}
+
+
+class TokenizePieces:
+    """A Ray Data actor: the tokenizer loaded once, then one piece per call."""
+
+    def __init__(self, root: str, settings: dict, ranks_files):
+        import ray
+
+        from pipeline.ray_cluster import unpack_files, worker_name
+        from pipeline.text.stage import TokenizeSettings
+        from pipeline.text.tokenizer import Tokenizer
+
+        if ranks_files is not None:
+            os.environ[ENV_RANKS] = str(unpack_files(ray.get(ranks_files[0]), "ranks")
+                                        / RANKS_FILENAME)
+        Tokenizer.load()  # once, before the first piece
+        self.root, self.settings = Path(root), TokenizeSettings(**settings)
+        self.name = worker_name()
+
+    def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
+        piece = json.loads(str(batch["piece"][0]))
+        result = tokenize_piece(piece, self.root, self.settings)
+        table = result.pop("table")
+        sink = io.BytesIO()
+        if table is not None:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        result["stats"] = asdict(result["stats"])
+        result.update(worker=self.name, seconds=time.perf_counter() - started)
+        return {"index": batch["index"], "table": np.array([sink.getvalue()], dtype=object),
+                "result": np.array([json.dumps(result)])}
+
+
+class RayTokenizer:
+    """The source of the tokenize stage's batches on a Ray cluster (`write_token_shards`'s
+    `source`): (documents read, tokens, split documents, table) per piece, in corpus order."""
+
+    def __init__(self, files: list[Path], root: Path, settings, actors: int | None = None,
+                 piece_rows: int | None = None):
+        from pipeline.ray_cluster import cluster_summary
+
+        self.files, self.root, self.settings = files, root, settings
+        self.cluster = cluster_summary()
+        self.actors = actors or max(int(self.cluster["cpus"]), 1)
+        self.pieces = corpus_pieces(files, piece_rows or PIECE_ROWS)
+        self.workers: dict[str, dict] = {}
+
+    def batches(self, stats: ReadStats):
+        import ray.data
+
+        from pipeline.ray_cluster import ship_files
+
+        ranks = find_ranks_file()
+        ranks_files = [ship_files({RANKS_FILENAME: ranks})] if ranks else None
+        items = [{"index": i, "piece": json.dumps(p)} for i, p in enumerate(self.pieces)]
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # the corpus's order is the rows'
+        actors = min(self.actors, len(items))
+        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            TokenizePieces, batch_size=1, batch_format="numpy",
+            fn_constructor_args=(str(self.root), asdict(self.settings), ranks_files),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=max(self.cluster["cpus"], 1.0) / actors)
+        ids = IdCheck()
+        for row in results.iter_rows():
+            result = json.loads(row["result"])
+            for doc_id, derived in zip(result["ids"], result["derived"], strict=True):
+                if ids.may_repeat(doc_id, result["name"], derived):
+                    check_repeat(self.files, self.root, doc_id, None, self.settings.text_field,
+                                 self.settings.id_field)
+            add_stats(stats, result["stats"])
+            self._tally(result)
+            data = row["table"]
+            if not data:
+                continue
+            table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+            yield len(result["ids"]), result["tokens"], result["split"], table
+
+    def _tally(self, result: dict) -> None:
+        tally = self.workers.setdefault(result["worker"], {
+            "worker": result["worker"], "pieces": 0, "documents": 0, "tokens": 0,
+            "seconds": 0.0})
+        tally["pieces"] += 1
+        tally["documents"] += len(result["ids"])
+        tally["tokens"] += result["tokens"]
+        tally["seconds"] = round(tally["seconds"] + result["seconds"], 3)
+
+    def summary(self) -> dict:
+        return {"engine": "ray", "cluster": self.cluster, "pieces": len(self.pieces),
+                "workers": sorted(self.workers.values(), key=lambda w: -w["documents"])}
+
+
+def add_stats(stats: ReadStats, piece: dict) -> None:
+    """Add a piece's ReadStats (as a dict) into the stage's."""
+    for key, value in piece.items():
+        if key == "per_file":
+            for name, n in value.items():
+                stats.per_file[name] = stats.per_file.get(name, 0) + n
+        else:
+            setattr(stats, key, getattr(stats, key) + value)
