@@ -13,12 +13,16 @@ CORPUS ?= data_sets/debian_packages.parquet
 NAME   ?= default
 MODEL  ?=
 QUERY  ?= tool to resize photos
+RAY    ?=
 MODEL_OPT := $(if $(MODEL),--model $(MODEL),)
+# RAY=auto|local|ray://HOST:PORT|HOST:PORT: tokenize and embed on a Ray cluster (the ray extra)
+RAY_OPT   := $(if $(RAY),--ray $(RAY),)
+RAY_DEPS  := $(if $(RAY),$(VENV)/.ray-installed,)
 
 .PHONY: setup test lint index search data bench bench-tokenize stress clean help
 
 help:
-	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...]   tokenize -> embed -> build-index -> example search"
+	@echo "make index [CORPUS=...] [NAME=...] [MODEL=...] [RAY=...]   tokenize -> embed -> build-index -> example search"
 	@echo "make test                                       set up and run the test suite"
 	@echo "make lint                                       ruff"
 
@@ -33,6 +37,10 @@ $(DEV): $(RUNTIME)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,ray]"
 	touch $@
 
+$(VENV)/.ray-installed: $(RUNTIME)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[ray]"
+	touch $@
+
 $(RANKS): | $(RUNTIME)
 	$(PY) -m pipeline.cli fetch-ranks --out $(RANKS)
 
@@ -45,9 +53,9 @@ lint: $(DEV)
 	$(VENV)/bin/ruff check pipeline tests data_sets
 
 # The main job: each stage skips itself when its outputs are current.
-index: $(RUNTIME) $(RANKS)
-	$(PIPELINE) tokenize $(CORPUS) --index indexes/$(NAME)
-	$(PIPELINE) embed --index indexes/$(NAME) $(MODEL_OPT)
+index: $(RUNTIME) $(RANKS) $(RAY_DEPS)
+	$(PIPELINE) tokenize $(CORPUS) --index indexes/$(NAME) $(RAY_OPT)
+	$(PIPELINE) embed --index indexes/$(NAME) $(MODEL_OPT) $(RAY_OPT)
 	$(PIPELINE) build-index --index indexes/$(NAME)
 	$(PIPELINE) search "$(QUERY)" --index indexes/$(NAME) -k 5
 

@@ -36,26 +36,25 @@ def require_ray():
 def connect(address: str) -> dict:
     """Join the cluster `address` names (ADDRESS_HELP), or keep the one this process is
     connected to already (a test's, or a notebook's); returns `cluster_summary()`."""
+    if address not in ("auto", "local") and ":" not in address:
+        raise UsageError(f"--ray {address!r}: expected {ADDRESS_HELP}")
     # Ray's C++ core logs to this terminal, e.g. an "error" that an actor's constructor
     # arguments live in the object store, where Ray Data puts them; what goes wrong reaches
     # us as a Python exception (its logs stay in Ray's session folder).
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if address == "local":
+        loopback_only()
     ray = require_ray()
     # Token authentication, Ray's default for a new cluster, without its warning that it is.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
     if not ray.is_initialized():
-        quiet = {"include_dashboard": False, "log_to_driver": False,
-                 "logging_level": logging.WARNING}
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
         try:
             if address == "local":
-                # Loopback only: a cluster of this process has no business on the network.
-                ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
-            elif address == "auto" or address.startswith("ray://") or ":" in address:
-                ray.init(address=address, **{k: v for k, v in quiet.items()
-                                             if k != "include_dashboard"})
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
             else:
-                raise UsageError(f"--ray {address!r}: expected {ADDRESS_HELP}")
+                ray.init(address=address, **quiet)
         except ConnectionError as err:
             hint = ("start one with `ray start --head`, or use --ray local" if address == "auto"
                     else "is its head node up and reachable from here?")
@@ -63,6 +62,14 @@ def connect(address: str) -> dict:
                              f"{hint}") from None
     quiet_ray_data()
     return cluster_summary()
+
+
+def loopback_only() -> None:
+    """Make a cluster started by this process listen on loopback only: a one-machine
+    cluster has no business on the network. Ray binds its servers to the node's address,
+    which it takes to be 127.0.0.1 only where clusters are "not enabled" (its setting for
+    macOS and Windows); read when `ray` is first imported, so set before that."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def first_line(err: BaseException) -> str:

@@ -28,10 +28,17 @@ def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         repr(result.exception)
-    lines = result.stderr.strip().splitlines()
+    lines = terminal_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The non-blank lines a terminal shows for `text`: what a carriage return goes back
+    over (a progress bar erased) is overwritten."""
+    shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return [line for line in shown if line.strip()]
 
 
 def write_corpus(path: Path, n: int, word: str = "bread") -> Path:

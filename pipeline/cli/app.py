@@ -6,8 +6,10 @@ exit code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -131,3 +133,15 @@ IndexOption = Annotated[Path, typer.Option(
     "--index", "-i", help="Index folder, e.g. indexes/default.")]
 
 
+@contextlib.contextmanager
+def progress_bar(**options):
+    """A tqdm bar on stderr that erases itself when the work fails, so that the error is
+    the one line left (a Ray run takes seconds to start: long enough for a bar to show)."""
+    from tqdm import tqdm
+
+    with tqdm(file=sys.stderr, delay=1, **options) as bar:
+        try:
+            yield bar
+        except BaseException:
+            bar.leave = False
+            raise

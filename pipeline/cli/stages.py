@@ -20,6 +20,7 @@ from pipeline.cli.app import (
     check_pooling,
     err_console,
     parse_devices,
+    progress_bar,
     read_lines,
     require_text,
     user_errors,
@@ -201,7 +202,6 @@ def tokenize(
     With --embed, stage 2 runs at the same time, each shard embedded as soon as it is written
     (with --ray: after it, both on the cluster).
     """
-    from tqdm import tqdm
 
     from pipeline.text.stage import TokenizeSettings, run_tokenize
 
@@ -211,7 +211,7 @@ def tokenize(
         raise UsageError("--model, --pooling, --device, --batch-tokens and --devices need --embed")
     ray_options = parse_ray(ray, ray_actors, None, True)
     if ray_options is not None:
-        with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
+        with progress_bar(unit="doc", desc=f"tokenize {index.name}") as bar:
             result = run_tokenize(corpus, index, settings, progress=bar, force=force, ray=ray,
                                   ray_actors=ray_actors)
         print_tokenized(result, index)
@@ -232,7 +232,7 @@ def tokenize(
             force=force)
     else:
         # delay: a run that fails at once prints its one error line and no empty bar
-        with tqdm(unit="doc", desc=f"tokenize {index.name}", file=sys.stderr, delay=1) as bar:
+        with progress_bar(unit="doc", desc=f"tokenize {index.name}") as bar:
             result = run_tokenize(corpus, index, settings, progress=bar, force=force)
     print_tokenized(result, index)
     if embed:

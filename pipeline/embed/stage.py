@@ -221,4 +221,8 @@ def embed_with_progress(folder: IndexFolder, engine: LocalEngine | RayEngine, ta
 
     with tqdm(total=total_rows, unit="doc", desc=f"embed {folder.path.name}", smoothing=0.1,
               delay=1, disable=total_rows == 0) as bar:
-        return engine.run(tasks, commit, bar, timings)
+        try:
+            return engine.run(tasks, commit, bar, timings)
+        except BaseException:
+            bar.leave = False  # erased: the error is the one line left
+            raise

@@ -150,12 +150,12 @@ class RayTokenizer:
     """The source of the tokenize stage's batches on a Ray cluster (`write_token_shards`'s
     `source`): (documents read, tokens, split documents, table) per piece, in corpus order."""
 
-    def __init__(self, files: list[Path], root: Path, settings, actors: int | None = None,
-                 piece_rows: int | None = None):
-        from pipeline.ray_cluster import cluster_summary
+    def __init__(self, address: str, files: list[Path], root: Path, settings,
+                 actors: int | None = None, piece_rows: int | None = None):
+        from pipeline.ray_cluster import connect
 
         self.files, self.root, self.settings = files, root, settings
-        self.cluster = cluster_summary()
+        self.cluster = connect(address)
         self.actors = actors or max(int(self.cluster["cpus"]), 1)
         self.pieces = corpus_pieces(files, piece_rows or PIECE_ROWS)
         self.workers: dict[str, dict] = {}
@@ -176,8 +176,15 @@ class RayTokenizer:
             fn_constructor_args=(str(self.root), asdict(self.settings), ranks_files),
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=max(self.cluster["cpus"], 1.0) / actors)
+        rows = iter(results.iter_rows())  # a generator: close() ends the execution
+        try:
+            yield from self._in_order(rows, stats)
+        finally:
+            rows.close()  # the executor shut down now (engines/ray.py says why)
+
+    def _in_order(self, rows, stats: ReadStats):
         ids = IdCheck()
-        for row in results.iter_rows():
+        for row in rows:
             result = json.loads(row["result"])
             for doc_id, derived in zip(result["ids"], result["derived"], strict=True):
                 if ids.may_repeat(doc_id, result["name"], derived):

@@ -200,17 +200,15 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         refuse_foreign_folder(folder)
         if not force and is_current(folder, section):
             return {**folder.manifest["tokenize"], "skipped": True}
-        source = None
-        if ray is not None:
-            from pipeline.ray_cluster import connect
-            from pipeline.text.ray_tokenize import RayTokenizer
-
-            connect(ray)
-            source = RayTokenizer(files, root, settings, ray_actors)
         work = folder.path / (TOKENS_DIR + ".tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        source = None
         try:
+            if ray is not None:
+                from pipeline.text.ray_tokenize import RayTokenizer
+
+                source = RayTokenizer(ray, files, root, settings, ray_actors)
             shards, stats, counts, seconds = write_token_shards(
                 files, root, work, settings, progress, on_shard=on_shard,
                 source=source and source.batches)

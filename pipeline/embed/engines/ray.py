@@ -53,6 +53,7 @@ from pipeline.text.tokenizer import ENV_RANKS, RANKS_FILENAME, find_ranks_file
 # Rows per CPU piece: ~50 pieces for the default corpus's 51k rows, ~8 s each on one core,
 # so that the last pieces to finish end close together.
 PIECE_ROWS = 1024
+GPU_CALLS = 2  # calls a GPU actor runs at a time: one on the GPU, the next being queued
 MODEL_FILES = "model"  # prefixes of the workers' temp folders
 RANKS_FILES = "ranks"
 
@@ -110,6 +111,7 @@ class EmbedPieces:
         self.encoder.warm_up()
         self.ready_at = time.time()  # wall clock: the driver's is on another host's clock
         self._cached: tuple[str, np.ndarray, np.ndarray] | None = None  # the last shard read
+        self._queueing = threading.Lock()
 
     def __call__(self, batch: dict) -> dict:
         item = {key: column[0] for key, column in batch.items()}  # batch_size=1: one piece
@@ -130,24 +132,29 @@ class EmbedPieces:
         """A token shard's (values, offsets), read where it is, checked against its hash."""
         from pipeline.ray_cluster import read_bytes
 
-        if self._cached is None or self._cached[0] != shard:
+        cached = self._cached  # read once: a GPU actor runs two calls at a time
+        if cached is None or cached[0] != shard:
             data = read_bytes(location)
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise IndexFolderError(f"{location} on {self.name} is not the token shard the "
                                        "manifest records (its sha256 differs): is the "
                                        "workers' copy of the folder stale?")
             table = pq.read_table(pa.BufferReader(data), columns=["tokens"])
-            self._cached = (shard, *shard_tokens(table))
-        return self._cached[1], self._cached[2]
+            cached = self._cached = (shard, *shard_tokens(table))
+        return cached[1], cached[2]
 
     def _embed(self, values, offsets, piece: int, pieces: int):
         """(rows, vectors) of one piece: the whole shard on a GPU (packed passes), else the
         piece's run of the local engine's own padded batches (float32, as it computes them)."""
         s = self.settings
         if s.gpu:
-            vectors = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
-                                                    DTYPES[s.dtype]).result()
-            return np.arange(len(offsets) - 1), vectors
+            # Two calls at a time (GPU_CALLS): one plans and queues its shard while the
+            # other's is on the GPU, as the local engine's threads do; queueing is one at
+            # a time, the waiting is not.
+            with self._queueing:
+                pending = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
+                                                        DTYPES[s.dtype])
+            return np.arange(len(offsets) - 1), pending.result()
         lengths = np.diff(offsets)
         batches = plan_batches(lengths.tolist(), s.batch_tokens)
         mine = split_batches(batches, lengths, pieces)[piece]
@@ -164,15 +171,24 @@ class ShardAssembly:
 
     record: dict
     pieces: int
-    vectors: np.ndarray
+    vectors: np.ndarray | None = None  # made by the first piece
     arrived: set = field(default_factory=set)
+
+    @property
+    def rows(self) -> int:
+        return self.record["rows"]
 
     def add(self, piece: int, rows: np.ndarray, vectors: np.ndarray) -> bool:
         """Put a piece's vectors in place; False if this piece was here already (a retry)."""
         if piece in self.arrived:
             return False
         self.arrived.add(piece)
-        self.vectors[rows] = vectors
+        if self.pieces == 1 and np.array_equal(rows, np.arange(self.rows)):
+            self.vectors = vectors  # the whole shard in row order (a GPU's): no copy
+        else:
+            if self.vectors is None:
+                self.vectors = np.zeros((self.rows, vectors.shape[1]), np.float32)
+            self.vectors[rows] = vectors
         return True
 
     @property
@@ -242,16 +258,28 @@ class RayEngine:
         if not shards:
             return 0
         assemblies = {s["name"]: ShardAssembly(
-            s, 1 if self.gpu else math.ceil(s["rows"] / PIECE_ROWS),
-            np.zeros((s["rows"], self.encoder.dim), np.float32)) for s in shards}
+            s, 1 if self.gpu else math.ceil(s["rows"] / PIECE_ROWS)) for s in shards}
+        results = iter(self._results(shards, assemblies).iter_rows())  # a generator
+        try:
+            n_tokens = self._collect(results, assemblies, commit, bar, timings, stop)
+        finally:
+            # The dataset's executor shut down now, not when garbage collected (a traceback
+            # may keep it alive): its actors and the CPUs it reserved go back at once.
+            results.close()
+        timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
+        return n_tokens
+
+    def _collect(self, results, assemblies: dict, commit, bar, timings: dict, stop) -> int:
+        """Put each piece in its shard as it arrives; write and commit each shard whole;
+        returns the tokens embedded."""
         n_tokens = 0
-        for result in self._results(shards, assemblies).iter_rows():
+        for result in results:
             assembly = assemblies[result["shard"]]
             rows = np.frombuffer(result["rows"], np.int64)
             vectors = np.frombuffer(result["vectors"], self._piece_dtype()).reshape(
                 len(rows), self.encoder.dim)
             if not assembly.add(int(result["piece"]), rows, vectors):
-                continue
+                continue  # a retried piece, here already
             if timings["first_shard_at_s"] is None:
                 timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
                 # When the first actor was ready (its clock: close enough on one cluster).
@@ -266,7 +294,6 @@ class RayEngine:
                 del assemblies[assembly.record["name"]]
             if stop is not None and stop.is_set():
                 break
-        timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
         return n_tokens
 
     def _piece_dtype(self):
@@ -292,11 +319,17 @@ class RayEngine:
         settings = WorkerSettings(self.encoder.sha256, random_spec, self.encoder.pooling,
                                   self.precision, self.dtype, self.batch_tokens, self.gpu,
                                   max(1, int(self.cpus_per_actor)))
-        resources = {"num_gpus": 1} if self.gpu else {"num_cpus": self.cpus_per_actor}
+        if self.gpu:
+            resources = {"num_gpus": 1}
+            pool = ray.data.ActorPoolStrategy(size=self.actors, enable_true_multi_threading=True,
+                                              max_concurrent_calls_per_actor=GPU_CALLS)
+        else:
+            resources = {"num_cpus": self.cpus_per_actor}
+            pool = ray.data.ActorPoolStrategy(size=self.actors)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             EmbedPieces, batch_size=1, batch_format="numpy",
-            fn_constructor_args=(settings, model_files, ranks_files),
-            compute=ray.data.ActorPoolStrategy(size=self.actors), **resources)
+            fn_constructor_args=(settings, model_files, ranks_files), compute=pool,
+            **resources)
 
     def _tally(self, result: dict, rows: int) -> None:
         tally = self.workers[str(result["worker"])]
