@@ -6,13 +6,12 @@ callable class that loads the model once per actor) turns each piece into its ro
 and the driver, this process, puts each shard's vectors together, writes the shard exactly as
 the local engine does and only then commits it to the manifest (stage.py). So:
 
-- the output is byte for byte the local engine's on a CPU: a CPU piece is a run of the very
+- the output is byte for byte the local engine's: a CPU piece is a run of the very
   batches the local engine forms for that shard (`plan_batches`, length-sorted within the
   token budget), and a batch's vectors do not depend on which process or how many threads
   computed them (tested); pieces of ~PIECE_ROWS rows keep every actor busy to the end even
   when a corpus has fewer shards than actors. A GPU piece is a whole shard (the packed path
-  plans its passes over the shard: same vectors as the local engine's, row groups may
-  differ);
+  plans its passes over the shard), written in the local engine's blocks (`local_blocks`);
 - Ray Data's defaults (rows reordered, files named at random) never touch the output: rows
   go back by index into their shard, the driver names the file, and a piece that arrives twice
   (a task retried after its actor died) is taken once;
@@ -118,10 +117,11 @@ class EmbedPieces:
         shard, piece = str(item["shard"]), int(item["piece"])
         started = time.perf_counter()
         values, offsets = self._tokens(shard, str(item["location"]), str(item["sha256"]))
-        rows, vectors = self._embed(values, offsets, piece, int(item["pieces"]))
+        rows, vectors, passes = self._embed(values, offsets, piece, int(item["pieces"]))
         return {"shard": np.array([shard]), "piece": np.array([piece]),
                 "rows": np.array([rows.astype(np.int64).tobytes()], dtype=object),
                 "vectors": np.array([np.ascontiguousarray(vectors).tobytes()], dtype=object),
+                "passes": np.array([np.asarray(passes, np.int64).tobytes()], dtype=object),
                 "tokens": np.array([int(sum(offsets[r + 1] - offsets[r] for r in rows))]),
                 "worker": np.array([self.name]), "device": np.array([str(self.encoder.device)]),
                 "precision": np.array([self.encoder.precision]),
@@ -144,8 +144,9 @@ class EmbedPieces:
         return cached[1], cached[2]
 
     def _embed(self, values, offsets, piece: int, pieces: int):
-        """(rows, vectors) of one piece: the whole shard on a GPU (packed passes), else the
-        piece's run of the local engine's own padded batches (float32, as it computes them)."""
+        """(rows, vectors, pass ends) of one piece: the whole shard on a GPU (packed passes,
+        each ending at a row), else the piece's run of the local engine's own padded batches
+        (float32, as it computes them; no passes)."""
         s = self.settings
         if s.gpu:
             # Two calls at a time (GPU_CALLS): one plans and queues its shard while the
@@ -154,15 +155,16 @@ class EmbedPieces:
             with self._queueing:
                 pending = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
                                                         DTYPES[s.dtype])
-            return np.arange(len(offsets) - 1), pending.result()
+            vectors = pending.result()
+            return np.arange(len(offsets) - 1), vectors, [rows for rows, _ in pending.done]
         lengths = np.diff(offsets)
         batches = plan_batches(lengths.tolist(), s.batch_tokens)
         mine = split_batches(batches, lengths, pieces)[piece]
         if not mine:
-            return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32)
+            return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32), []
         vectors = [self.encoder.embed_batch([values[offsets[i]:offsets[i + 1]] for i in b])
                    for b in mine]
-        return np.concatenate([np.asarray(b) for b in mine]), np.concatenate(vectors)
+        return np.concatenate([np.asarray(b) for b in mine]), np.concatenate(vectors), []
 
 
 @dataclass
@@ -173,6 +175,7 @@ class ShardAssembly:
     pieces: int
     vectors: np.ndarray | None = None  # made by the first piece
     arrived: set = field(default_factory=set)
+    passes: list = field(default_factory=list)  # a GPU's: the row each packed pass ended at
 
     @property
     def rows(self) -> int:
@@ -213,6 +216,21 @@ class WorkerTally:
                 "shards": len(self.shards), "pieces": self.pieces, "rows": self.rows,
                 "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1)}
+
+
+def local_blocks(vectors: np.ndarray, passes: list[int]):
+    """The blocks (first row, vectors) the local engine writes a shard in, so the Parquet
+    row groups, and so the bytes, are the same: `PendingVectors.parts(WRITE_ROWS)`, one block
+    from a CPU; from a GPU, a block at each pass end at least WRITE_ROWS rows on."""
+    if not passes:
+        yield from PendingVectors(host=vectors).parts(WRITE_ROWS)
+        return
+    first = 0
+    for rows in passes:
+        if rows - first < WRITE_ROWS and rows < len(vectors):
+            continue
+        yield first, vectors[first:rows]
+        first = rows
 
 
 def actor_plan(cluster: dict, actors: int | None, gpu: bool) -> tuple[int, float]:
@@ -280,6 +298,7 @@ class RayEngine:
                 len(rows), self.encoder.dim)
             if not assembly.add(int(result["piece"]), rows, vectors):
                 continue  # a retried piece, here already
+            assembly.passes = np.frombuffer(result["passes"], np.int64).tolist()
             if timings["first_shard_at_s"] is None:
                 timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
                 # When the first actor was ready (its clock: close enough on one cluster).
@@ -349,7 +368,7 @@ class RayEngine:
                               columns=["row", "doc_id", "chunk"])
         vectors = assembly.vectors.astype(DTYPES[self.dtype], copy=False)
         record = write_embedding_shard(self.out_dir / name, table,
-                                       PendingVectors(host=vectors).parts(WRITE_ROWS))
+                                       local_blocks(vectors, assembly.passes))
         timings["write_s"] += time.perf_counter() - t
         return record
 
