@@ -299,11 +299,12 @@ class RayEngine:
             if not assembly.add(int(result["piece"]), rows, vectors):
                 continue  # a retried piece, here already
             assembly.passes = np.frombuffer(result["passes"], np.int64).tolist()
-            if timings["first_shard_at_s"] is None:
-                timings["first_shard_at_s"] = time.perf_counter() - timings["origin"]
-                # When the first actor was ready (its clock: close enough on one cluster).
-                timings["models_ready_at_s"] = round(timings["first_shard_at_s"] - (
-                    time.time() - float(result["ready_at"])), 3)
+            if timings["models_ready_at_s"] is None:
+                # When the first actor was ready (its clock: close enough on one cluster);
+                # its first piece was ready for it then (the pieces are there from the start).
+                now = time.perf_counter() - timings["origin"]
+                ready = round(now - (time.time() - float(result["ready_at"])), 3)
+                timings["models_ready_at_s"] = timings["first_shard_at_s"] = ready
             self._tally(result, len(rows))
             n_tokens += int(result["tokens"])
             timings["gpu_s"] += float(result["seconds"])
