@@ -44,6 +44,7 @@ from pipeline.embed.batching import plan_batches
 from pipeline.embed.engines import END
 from pipeline.embed.engines.local import WRITE_ROWS
 from pipeline.embed.gpu import PendingVectors
+from pipeline.embed.layout import Planner, plan_passes
 from pipeline.embed.shards import DTYPES, shard_tokens, write_embedding_shard
 from pipeline.errors import IndexFolderError, UsageError
 from pipeline.folder import EMBEDDINGS_DIR, TOKENS_DIR, check_shard
@@ -69,6 +70,7 @@ class WorkerSettings:
     batch_tokens: int
     gpu: bool
     threads: int  # torch threads per CPU actor
+    calls: int = 1  # calls an actor runs at a time (GPU_CALLS on a GPU)
 
 
 def split_batches(batches: list[list[int]], lengths: np.ndarray, pieces: int
@@ -111,6 +113,12 @@ class EmbedPieces:
         self.ready_at = time.time()  # wall clock: the driver's is on another host's clock
         self._cached: tuple[str, np.ndarray, np.ndarray] | None = None  # the last shard read
         self._queueing = threading.Lock()
+        # The packed path's layouts planned in child processes, one per concurrent call, as
+        # the local engine does (layout.py: in this process they would hold the GIL that
+        # the other call needs to queue its passes).
+        self._planners: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(settings.calls if self.encoder.packs else 0):
+            self._planners.put(Planner())
 
     def __call__(self, batch: dict) -> dict:
         item = {key: column[0] for key, column in batch.items()}  # batch_size=1: one piece
@@ -143,6 +151,14 @@ class EmbedPieces:
             cached = self._cached = (shard, *shard_tokens(table))
         return cached[1], cached[2]
 
+    def _plan(self, values, offsets):
+        planner = self._planners.get()
+        try:  # in the child once it is up; until then here
+            args = (values, offsets, self.settings.batch_tokens, self.encoder.window)
+            return planner.plan_passes(*args) if planner.started() else plan_passes(*args)
+        finally:
+            self._planners.put(planner)
+
     def _embed(self, values, offsets, piece: int, pieces: int):
         """(rows, vectors, pass ends) of one piece: the whole shard on a GPU (packed passes,
         each ending at a row), else the piece's run of the local engine's own padded batches
@@ -152,9 +168,10 @@ class EmbedPieces:
             # Two calls at a time (GPU_CALLS): one plans and queues its shard while the
             # other's is on the GPU, as the local engine's threads do; queueing is one at
             # a time, the waiting is not.
+            plan = self._plan(values, offsets) if self.encoder.packs else None
             with self._queueing:
                 pending = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
-                                                        DTYPES[s.dtype])
+                                                        DTYPES[s.dtype], plan)
             vectors = pending.result()
             return np.arange(len(offsets) - 1), vectors, [rows for rows, _ in pending.done]
         lengths = np.diff(offsets)
@@ -338,7 +355,8 @@ class RayEngine:
         ranks_files = [ship_files({RANKS_FILENAME: ranks})] if ranks else None
         settings = WorkerSettings(self.encoder.sha256, random_spec, self.encoder.pooling,
                                   self.precision, self.dtype, self.batch_tokens, self.gpu,
-                                  max(1, int(self.cpus_per_actor)))
+                                  max(1, int(self.cpus_per_actor)),
+                                  GPU_CALLS if self.gpu else 1)
         if self.gpu:
             resources = {"num_gpus": 1}
             pool = ray.data.ActorPoolStrategy(size=self.actors, enable_true_multi_threading=True,
