@@ -145,9 +145,10 @@ def main() -> int:
     print(text)
     print(f"\n{result['machine']}: embed stage local {e_local['seconds']:.1f} s "
           f"({e_local['tokens_per_s']:,.0f} tok/s), Ray {e_ray['seconds']:.1f} s "
-          f"({e_ray['tokens_per_s']:,.0f} tok/s, {len(e_ray['workers'])} actors, first ready "
-          f"at {e_ray['models_ready_at_s']} s): {result['ray_share_of_local_tokens_per_s']:.1%}"
-          f" of local ({steady:.1%} steady: first vectors to last), overhead "
+          f"({e_ray['tokens_per_s']:,.0f} tok/s, {len(e_ray['stats']['workers'])} actors, "
+          f"first ready at {e_ray['stats']['models_ready_at_s']} s): "
+          f"{result['ray_share_of_local_tokens_per_s']:.1%}"
+          f" of local ({steady:.1%} steady: first shard ready to last vectors), overhead "
           f"{result['ray_overhead']:.1%} "
           f"({result['ray_overhead_with_cluster_start']:.1%} with the cluster's "
           f"{cluster_start_s:.1f} s start); shards identical: {identical}; tokenize local "
