@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.embed.encoder import Encoder, compile_ahead
-from pipeline.embed.engines import END
+from pipeline.embed.engines import END, show_rates
 from pipeline.embed.engines.local import LocalEngine
 from pipeline.embed.engines.ray import RayEngine
 from pipeline.embed.shards import check_dtype
@@ -215,9 +215,7 @@ def embed_with_progress(folder: IndexFolder, engine: LocalEngine | RayEngine, ta
         folder.write_manifest()
         written[0] += record["rows"]
         rate = written[0] / max(time.perf_counter() - started, 1e-9)
-        # refresh=False: a bar drawn before tqdm counts it as shown would skip its closing
-        # newline, and an error would print on the bar's line
-        bar.set_postfix(written=f"{rate:,.0f} doc/s", refresh=False)
+        show_rates(bar, written=f"{rate:,.0f} doc/s")
 
     with tqdm(total=total_rows, unit="doc", desc=f"embed {folder.path.name}", smoothing=0.1,
               delay=1, disable=total_rows == 0) as bar:

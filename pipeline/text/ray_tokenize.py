@@ -35,6 +35,7 @@ from pipeline.text.corpus import (
     file_name,
     split_suffixes,
 )
+from pipeline.text.rows import TokenizeSettings, encode_batch_rows, rows_to_table
 from pipeline.text.tokenizer import ENV_RANKS, RANKS_FILENAME, find_ranks_file
 
 PIECE_ROWS = 50_000  # rows of Parquet row groups per piece, at least (one shard's worth)
@@ -78,8 +79,6 @@ def tokenize_piece(piece: dict, root: Path, settings) -> dict:
     """One piece read and encoded: its token rows (row numbers from 0: the driver numbers
     them), the ids of its documents with text in order (with whether each is derived), the
     counts of the local stage's batches, and its ReadStats. Pure but for reading the file."""
-    from pipeline.text.stage import encode_batch_rows, rows_to_table
-
     path = Path(piece["path"])
     stats = ReadStats()
     ids, derived = [], []
@@ -121,7 +120,6 @@ class TokenizePieces:
         import ray
 
         from pipeline.ray_cluster import unpack_files, worker_name
-        from pipeline.text.stage import TokenizeSettings
         from pipeline.text.tokenizer import Tokenizer
 
         if ranks_files is not None:

@@ -15,3 +15,14 @@ embedded`:
 """
 
 END = None  # the task that ends a task queue
+
+
+def show_rates(bar, **rates: str) -> None:
+    """Set some of the progress bar's rates (e.g. written=..., tokens=...), keeping the
+    others: the stage shows what is written, an engine what it computes."""
+    shown = getattr(bar, "pipeline_rates", {})
+    shown.update(rates)
+    bar.pipeline_rates = shown
+    # refresh=False: a bar drawn before tqdm counts it as shown would skip its closing
+    # newline, and an error would print on the bar's line
+    bar.set_postfix(shown, refresh=False)

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.embed.batching import plan_batches
-from pipeline.embed.engines import END
+from pipeline.embed.engines import END, show_rates
 from pipeline.embed.engines.local import WRITE_ROWS
 from pipeline.embed.gpu import PendingVectors
 from pipeline.embed.layout import Planner, plan_passes
@@ -320,6 +320,7 @@ class RayEngine:
         """Put each piece in its shard as it arrives; write and commit each shard whole;
         returns the tokens embedded."""
         n_tokens, writing = 0, {}  # shard name -> its write in a writer thread
+        self._tokens_in = 0  # for the bar's rate, since the first actor was ready
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="ray-write") as writers:
             for result in results:
                 n_tokens += self._take(result, assemblies, writers, writing, bar, timings)
@@ -349,6 +350,9 @@ class RayEngine:
         self._tally(result, len(rows))
         timings["gpu_s"] += float(result["seconds"])
         bar.update(len(rows))
+        self._tokens_in += int(result["tokens"])
+        elapsed = time.perf_counter() - timings["origin"] - timings["models_ready_at_s"]
+        show_rates(bar, cluster=f"{self._tokens_in / max(elapsed, 1e-3):,.0f} tok/s")
         if assembly.whole:
             name = assembly.record["name"]
             writing[name] = writers.submit(self._write, assembly, timings)
