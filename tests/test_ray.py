@@ -26,7 +26,7 @@ from pipeline.index.build import run_build_index
 from pipeline.text import ray_tokenize
 from pipeline.text.stage import TokenizeSettings, run_tokenize
 
-ray_cluster.loopback_only()  # before Ray is imported: the test cluster listens on loopback
+ray_cluster.prepare_environment(local=True)  # before Ray is imported (loopback only, ...)
 ray = pytest.importorskip("ray", reason="the ray extra (make test installs it)")
 
 DOCS = 3000

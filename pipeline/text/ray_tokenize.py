@@ -1,13 +1,13 @@
 """The tokenize stage's reading and encoding on a Ray cluster (`pipeline tokenize --ray`).
 
-The corpus is cut into *pieces*: a file, or a run of a large Parquet file's row groups. An
-actor pool on Ray Data (`TokenizePieces`: the tokenizer loaded once per actor) reads and
-encodes each piece into token rows, exactly as the local stage's worker processes encode a
-batch (`encode_batch_rows`, `rows_to_table`); Ray Data hands the results back in piece
-order (`preserve_order`), and the driver feeds them to the same `ShardWriter` as the local
-stage. Rows are cut into shards and numbered only there, so the shards, their names and
-the manifest are the local stage's, whatever the cluster. Ids are checked for repeats
-across the whole corpus on the driver (`IdCheck`), in corpus order.
+The corpus is cut into *pieces*: a file, or a run of a large Parquet file's row groups. A
+pool of Ray actors (`TokenizeWorker`: the tokenizer loaded once per actor) reads and encodes
+each piece into token rows, exactly as the local stage's worker processes encode a batch
+(`encode_batch_rows`, `rows_to_table`); the pool hands the results back in piece order, and
+the driver feeds them to the same `ShardWriter` as the local stage. Rows are cut into shards
+and numbered only there, so the shards, their names and the manifest are the local stage's,
+whatever the cluster. Ids are checked for repeats across the whole corpus on the driver
+(`IdCheck`), in corpus order.
 
 Workers read the corpus where it is (a shared filesystem; the paths are the driver's) and
 get GPT-2's ranks file through the object store.
@@ -15,14 +15,11 @@ get GPT-2's ranks file through the object store.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,8 +110,9 @@ def tokenize_piece(piece: dict, root: Path, settings) -> dict:
             "derived": derived, "tokens": n_tokens, "split": split, "stats": stats}
 
 
-class TokenizePieces:
-    """A Ray Data actor: the tokenizer loaded once, then one piece per call."""
+class TokenizeWorker:
+    """A Ray actor (`ray.remote(TokenizeWorker)`): the tokenizer loaded once, then one piece
+    per call."""
 
     def __init__(self, root: str, settings: dict, ranks_files):
         import ray
@@ -129,24 +127,24 @@ class TokenizePieces:
         self.root, self.settings = Path(root), TokenizeSettings(**settings)
         self.name = worker_name()
 
-    def __call__(self, batch: dict) -> dict:
+    def tokenize(self, piece: dict) -> dict:
         started = time.perf_counter()
-        piece = json.loads(str(batch["piece"][0]))
         result = tokenize_piece(piece, self.root, self.settings)
-        table = result.pop("table")
-        sink = io.BytesIO()
-        if table is not None:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
         result["stats"] = asdict(result["stats"])
         result.update(worker=self.name, seconds=time.perf_counter() - started)
-        return {"index": batch["index"], "table": np.array([sink.getvalue()], dtype=object),
-                "result": np.array([json.dumps(result)])}
+        return result  # its Arrow table travels as Arrow, through the object store
 
 
 class RayTokenizer:
     """The source of the tokenize stage's batches on a Ray cluster (`write_token_shards`'s
-    `source`): (documents read, tokens, split documents, table) per piece, in corpus order."""
+    `source`): (documents read, tokens, split documents, table) per piece, in corpus order.
+
+    A pool of Ray actors (`ray.util.ActorPool`: results in submission order, one piece in
+    flight per actor, so memory stays bounded), not Ray Data: the stage needs its pieces back
+    in corpus order, and Ray Data's ordered execution stalled for good now and then on a
+    cluster another dataset had just used (seen in the tests, Ray 2.60). A lost actor is
+    restarted and its piece retried (max_restarts, max_task_retries).
+    """
 
     def __init__(self, address: str, files: list[Path], root: Path, settings,
                  actors: int | None = None, piece_rows: int | None = None):
@@ -159,42 +157,38 @@ class RayTokenizer:
         self.workers: dict[str, dict] = {}
 
     def batches(self, stats: ReadStats):
-        import ray.data
+        import ray
+        from ray.util import ActorPool
 
         from pipeline.ray_cluster import ship_files
 
         ranks = find_ranks_file()
         ranks_files = [ship_files({RANKS_FILENAME: ranks})] if ranks else None
-        items = [{"index": i, "piece": json.dumps(p)} for i, p in enumerate(self.pieces)]
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # the corpus's order is the rows'
-        actors = min(self.actors, len(items))
-        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            TokenizePieces, batch_size=1, batch_format="numpy",
-            fn_constructor_args=(str(self.root), asdict(self.settings), ranks_files),
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=max(self.cluster["cpus"], 1.0) / actors)
-        rows = iter(results.iter_rows())  # a generator: close() ends the execution
+        n = min(self.actors, len(self.pieces))
+        worker = ray.remote(TokenizeWorker).options(
+            num_cpus=max(self.cluster["cpus"], 1.0) / n, max_restarts=-1, max_task_retries=-1)
+        actors = [worker.remote(str(self.root), asdict(self.settings), ranks_files)
+                  for _ in range(n)]
         try:
-            yield from self._in_order(rows, stats)
+            results = ActorPool(actors).map(lambda actor, piece: actor.tokenize.remote(piece),
+                                            self.pieces)
+            yield from self._in_order(results, stats)
         finally:
-            rows.close()  # the executor shut down now (engines/ray.py says why)
+            for actor in actors:  # their CPUs back to the cluster now
+                ray.kill(actor)
 
-    def _in_order(self, rows, stats: ReadStats):
+    def _in_order(self, results, stats: ReadStats):
         ids = IdCheck()
-        for row in rows:
-            result = json.loads(row["result"])
+        for result in results:
             for doc_id, derived in zip(result["ids"], result["derived"], strict=True):
                 if ids.may_repeat(doc_id, result["name"], derived):
                     check_repeat(self.files, self.root, doc_id, None, self.settings.text_field,
                                  self.settings.id_field)
             add_stats(stats, result["stats"])
             self._tally(result)
-            data = row["table"]
-            if not data:
+            if result["table"] is None:
                 continue
-            table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
-            yield len(result["ids"]), result["tokens"], result["split"], table
+            yield len(result["ids"]), result["tokens"], result["split"], result["table"]
 
     def _tally(self, result: dict) -> None:
         tally = self.workers.setdefault(result["worker"], {

@@ -276,7 +276,9 @@ def write_token_shards(files, root, work: Path, settings: TokenizeSettings,
         split_docs += batch_split
         if progress is not None:
             progress.update(n_read)
-            progress.set_postfix(rows=writer.rows, MB=f"{stats.bytes_read / 1e6:.0f}")
+            # refresh=False: engines/__init__.py show_rates says why
+            progress.set_postfix(rows=writer.rows, MB=f"{stats.bytes_read / 1e6:.0f}",
+                                 refresh=False)
     writer.close()
     if writer.rows == 0:
         raise CorpusError(f"{root}: no documents with text "
