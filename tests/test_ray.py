@@ -122,6 +122,46 @@ def wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+# The tokenize tests come first: after the embed tests' datasets (a killed worker, a killed
+# driver, a failed run) a tokenize on the same cluster sometimes waited for good for its
+# actors' first results (Ray 2.60; docs/performance.md, "Ray engine").
+def test_ray_tokenize_equals_local_stage(cluster, tmp_path, corpus, monkeypatch):
+    """Files and runs of Parquet row groups as pieces: the same shards and records."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "a.parquet")
+    lines = pq.read_table(corpus).slice(0, 400)["text"].to_pylist()
+    (folder / "b.jsonl").write_text("".join(
+        json.dumps({"id": f"jsonl-{i}", "text": "" if i % 40 == 0 else text}) + "\n"
+        for i, text in enumerate(lines)))
+    (folder / "c.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in lines[:300]))
+    monkeypatch.setattr(ray_tokenize, "PIECE_ROWS", 1000)  # a.parquet in 3 pieces
+    settings = TokenizeSettings(shard_rows=450, max_tokens=64, overlap=8)  # windows too
+    local = run_tokenize(folder, tmp_path / "local", settings)
+    on_ray = run_tokenize(folder, tmp_path / "ray", settings, ray=cluster)
+    assert on_ray["stats"]["pieces"] == 5
+    assert on_ray["shards"] == local["shards"]
+    for key in ("documents", "rows", "tokens", "split_documents", "empty_skipped", "files",
+                "bytes"):
+        assert on_ray["stats"][key] == local["stats"][key], key
+    for shard in local["shards"]:
+        assert (tmp_path / "ray" / "tokens" / shard["name"]).read_bytes() == \
+            (tmp_path / "local" / "tokens" / shard["name"]).read_bytes()
+
+
+def test_ray_tokenize_refuses_an_id_repeated_across_pieces(cluster, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"id": "x", "text": "one"}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"id": "y", "text": "two"}) + "\n"
+                                    + json.dumps({"id": "x", "text": "three"}) + "\n")
+    result = cli("tokenize", folder, "--index", tmp_path / "index", "--ray", cluster)
+    assert one_error_line(result) == ('error: corpus has the id "x" twice: a.jsonl:1 and '
+                                      'b.jsonl:2: ids must be unique (give --id-field \'\' '
+                                      'for FILE:LINE ids)')
+    assert not (tmp_path / "index").exists()
+
+
 def test_ray_embed_equals_local_engine_byte_for_byte(cluster, tmp_path, tokenized,
                                                      local_reference):
     index = copy_folder(tokenized, tmp_path / "index")
@@ -203,43 +243,6 @@ def test_ray_refuses_a_stale_copy_of_the_token_shards(cluster, tmp_path, tokeniz
         run_embed(index, ray=RayOptions(cluster, tokens_location=str(stale)))
     assert first.name not in json.loads((index / "manifest.json").read_text()
                                         ).get("embed", {}).get("shards", {})
-
-
-def test_ray_tokenize_equals_local_stage(cluster, tmp_path, corpus, monkeypatch):
-    """Files and runs of Parquet row groups as pieces: the same shards and records."""
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    shutil.copy(corpus, folder / "a.parquet")
-    lines = pq.read_table(corpus).slice(0, 400)["text"].to_pylist()
-    (folder / "b.jsonl").write_text("".join(
-        json.dumps({"id": f"jsonl-{i}", "text": "" if i % 40 == 0 else text}) + "\n"
-        for i, text in enumerate(lines)))
-    (folder / "c.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in lines[:300]))
-    monkeypatch.setattr(ray_tokenize, "PIECE_ROWS", 1000)  # a.parquet in 3 pieces
-    settings = TokenizeSettings(shard_rows=450, max_tokens=64, overlap=8)  # windows too
-    local = run_tokenize(folder, tmp_path / "local", settings)
-    on_ray = run_tokenize(folder, tmp_path / "ray", settings, ray=cluster)
-    assert on_ray["stats"]["pieces"] == 5
-    assert on_ray["shards"] == local["shards"]
-    for key in ("documents", "rows", "tokens", "split_documents", "empty_skipped", "files",
-                "bytes"):
-        assert on_ray["stats"][key] == local["stats"][key], key
-    for shard in local["shards"]:
-        assert (tmp_path / "ray" / "tokens" / shard["name"]).read_bytes() == \
-            (tmp_path / "local" / "tokens" / shard["name"]).read_bytes()
-
-
-def test_ray_tokenize_refuses_an_id_repeated_across_pieces(cluster, tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "a.jsonl").write_text(json.dumps({"id": "x", "text": "one"}) + "\n")
-    (folder / "b.jsonl").write_text(json.dumps({"id": "y", "text": "two"}) + "\n"
-                                    + json.dumps({"id": "x", "text": "three"}) + "\n")
-    result = cli("tokenize", folder, "--index", tmp_path / "index", "--ray", cluster)
-    assert one_error_line(result) == ('error: corpus has the id "x" twice: a.jsonl:1 and '
-                                      'b.jsonl:2: ids must be unique (give --id-field \'\' '
-                                      'for FILE:LINE ids)')
-    assert not (tmp_path / "index").exists()
 
 
 @pytest.mark.parametrize("args, message", [
