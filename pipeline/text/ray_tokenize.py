@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.text.corpus import (
-    Document,
     IdCheck,
     ReadStats,
     check_repeat,
@@ -32,11 +31,18 @@ from pipeline.text.corpus import (
     file_name,
     split_suffixes,
 )
-from pipeline.text.rows import TokenizeSettings, encode_batch_rows, rows_to_table
+from pipeline.text.rows import (
+    BATCH_DOCS,
+    TokenizeSettings,
+    batched,
+    encode_batch_rows,
+    row_counts,
+    rows_to_table,
+    with_text,
+)
 from pipeline.text.tokenizer import ENV_RANKS, RANKS_FILENAME, find_ranks_file
 
 PIECE_ROWS = 50_000  # rows of Parquet row groups per piece, at least (one shard's worth)
-BATCH_DOCS = 2048  # documents per encode, as the local stage's batches
 
 
 def corpus_pieces(files: list[Path], piece_rows: int) -> list[dict]:
@@ -77,35 +83,23 @@ def tokenize_piece(piece: dict, root: Path, settings) -> dict:
     them), the ids of its documents with text in order (with whether each is derived), the
     counts of the local stage's batches, and its ReadStats. Pure but for reading the file."""
     path = Path(piece["path"])
+    name = file_name(path, root)
     stats = ReadStats()
-    ids, derived = [], []
-    tables, n_read, n_tokens, split = [], 0, 0, 0
-    batch: list[Document] = []
+    ids, derived, tables, n_tokens, split = [], [], [], 0, 0
 
-    def encode():
-        nonlocal n_tokens, split
-        kept = [d for d in batch if d.text.strip()]
-        stats.empty_skipped += len(batch) - len(kept)
+    def documents():  # with their ids noted, for the driver's check across the corpus
+        for document, is_derived, _ in file_documents(path, name, stats, settings.text_field,
+                                                      settings.id_field, piece["row_groups"]):
+            ids.append(document.doc_id)
+            derived.append(is_derived)
+            yield document
+
+    for batch in batched(documents(), BATCH_DOCS):  # the local stage's batches
+        kept = with_text(batch, stats)
         rows = encode_batch_rows([d.text for d in kept], settings.max_tokens, settings.overlap)
         tables.append(rows_to_table(rows, kept, 0))
-        n_tokens += int(rows["offsets"][-1])
-        split += int((rows["chunk"] == 1).sum())
-
-    name = file_name(path, root)
-    for document, is_derived, _ in file_documents(path, name, stats, settings.text_field,
-                                                  settings.id_field, piece["row_groups"]):
-        ids.append(document.doc_id)
-        derived.append(is_derived)
-        batch.append(document)
-        if len(batch) == BATCH_DOCS:
-            encode()
-            n_read += len(batch)
-            batch = []
-    if batch:
-        encode()
-        n_read += len(batch)
-    # Records that were not text are read documents too (the local stage counts them in
-    # the batches' progress only as documents; they never reach a batch).
+        tokens, windows = row_counts(rows)
+        n_tokens, split = n_tokens + tokens, split + windows
     return {"table": pa.concat_tables(tables) if tables else None, "name": name, "ids": ids,
             "derived": derived, "tokens": n_tokens, "split": split, "stats": stats}
 

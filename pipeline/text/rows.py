@@ -8,6 +8,7 @@ the document), tokens (uint16: GPT-2 ids fit), text (the window's text).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,3 +104,29 @@ def rows_to_table(rows: dict, docs: list[Document], first_row: int) -> pa.Table:
                                            numpy_to_arrow(rows["tokens"])),
         "text": strings_to_arrow(texts),
     }, schema=TOKEN_SCHEMA)
+
+
+BATCH_DOCS = 2048  # documents per encode
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def with_text(batch: list[Document], stats) -> list[Document]:
+    """The documents of a batch that hold text; the empty ones are counted in `stats`."""
+    kept = [d for d in batch if d.text.strip()]
+    stats.empty_skipped += len(batch) - len(kept)
+    return kept
+
+
+def row_counts(rows: dict) -> tuple[int, int]:
+    """(tokens, documents split into windows) of `window_rows`'s rows."""
+    return int(rows["offsets"][-1]), int((rows["chunk"] == 1).sum())

@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -55,21 +55,18 @@ from pipeline.text.corpus import (
     iter_documents,
     resolve_corpus,
 )
-from pipeline.text.rows import TokenizeSettings, encode_batch_rows, rows_to_table
+from pipeline.text.rows import (
+    BATCH_DOCS,
+    TokenizeSettings,
+    batched,
+    encode_batch_rows,
+    row_counts,
+    rows_to_table,
+    with_text,
+)
 from pipeline.text.tokenizer import Tokenizer, find_ranks_file
 
 log = logging.getLogger(__name__)
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
 
 def tokenize_section(files, settings: TokenizeSettings, tokenizer_name: str) -> dict:
     """The part of the manifest that decides whether existing tokens are current."""
@@ -242,11 +239,10 @@ def encoded_batches(docs: Iterator[Document], settings: TokenizeSettings, stats:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                              initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         in_flight: collections.deque = collections.deque()
-        batches = batched(docs, 2048)
+        batches = batched(docs, BATCH_DOCS)
         while True:
             while len(in_flight) < 2 * workers and (batch := next(batches, None)) is not None:
-                kept = [d for d in batch if d.text.strip()]
-                stats.empty_skipped += len(batch) - len(kept)
+                kept = with_text(batch, stats)
                 future = pool.submit(encode_batch_rows, [d.text for d in kept],
                                      settings.max_tokens, settings.overlap)
                 in_flight.append((len(batch), kept, future))
@@ -294,7 +290,7 @@ def local_batches(files, root, settings: TokenizeSettings, stats: ReadStats,
     docs = iter_documents(files, root, stats, settings.text_field, settings.id_field)
     for n_read, rows, table in encoded_batches(docs, settings, stats,
                                                workers or min(8, os.cpu_count() or 1)):
-        yield n_read, int(rows["offsets"][-1]), int((rows["chunk"] == 1).sum()), table
+        yield n_read, *row_counts(rows), table
 
 
 def versions() -> dict:

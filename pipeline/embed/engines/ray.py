@@ -134,7 +134,7 @@ class EmbedPieces:
                 "rows": np.array([rows.astype(np.int64).tobytes()], dtype=object),
                 "vectors": np.array([np.ascontiguousarray(vectors).tobytes()], dtype=object),
                 "passes": np.array([np.asarray(passes, np.int64).tobytes()], dtype=object),
-                "tokens": np.array([int(sum(offsets[r + 1] - offsets[r] for r in rows))]),
+                "tokens": np.array([int((offsets[rows + 1] - offsets[rows]).sum())]),
                 "worker": np.array([self.name]), "device": np.array([str(self.encoder.device)]),
                 "precision": np.array([self.encoder.precision]),
                 "seconds": np.array([time.perf_counter() - started]),
@@ -277,8 +277,8 @@ def actor_plan(cluster: dict, actors: int | None, gpu: bool) -> tuple[int, float
 class RayEngine:
     """Embeds the shards of INDEX on a Ray cluster; `run` as engines/__init__.py describes.
 
-    `model_spec`/`model_sha256` name the driver's model (the workers load the same weights and
-    check their hash), `tokens_location` where the workers read INDEX/tokens/ (default: the
+    `encoder` is the driver's copy of the model (the workers load the same weights and check
+    their hash), `tokens_location` where the workers read INDEX/tokens/ (default: the
     folder's own path, for a shared filesystem or a one-machine cluster).
     """
 
@@ -320,10 +320,12 @@ class RayEngine:
         """Put each piece in its shard as it arrives; write and commit each shard whole;
         returns the tokens embedded."""
         n_tokens, writing = 0, {}  # shard name -> its write in a writer thread
-        self._tokens_in = 0  # for the bar's rate, since the first actor was ready
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="ray-write") as writers:
             for result in results:
                 n_tokens += self._take(result, assemblies, writers, writing, bar, timings)
+                # The cluster's rate since its first actor was ready.
+                elapsed = time.perf_counter() - timings["origin"] - timings["models_ready_at_s"]
+                show_rates(bar, cluster=f"{n_tokens / max(elapsed, 1e-3):,.0f} tok/s")
                 commit_written(writing, commit, wait=False)
                 if stop is not None and stop.is_set():
                     break
@@ -350,9 +352,6 @@ class RayEngine:
         self._tally(result, len(rows))
         timings["gpu_s"] += float(result["seconds"])
         bar.update(len(rows))
-        self._tokens_in += int(result["tokens"])
-        elapsed = time.perf_counter() - timings["origin"] - timings["models_ready_at_s"]
-        show_rates(bar, cluster=f"{self._tokens_in / max(elapsed, 1e-3):,.0f} tok/s")
         if assembly.whole:
             name = assembly.record["name"]
             writing[name] = writers.submit(self._write, assembly, timings)
