@@ -98,13 +98,13 @@ class Searcher:
         """`snapshot`: keep the token shards open (IndexFolder.pin_token_shards), so searches
         read the generation loaded even after the folder is rewritten, without a lock: a
         server's choice. Otherwise each search takes the folder's shared lock."""
-        from pipeline.index.store import load_index
+        from pipeline.index.store import load_search_index
 
         self.folder, self.snapshot = IndexFolder(index_dir), snapshot
         with self.folder.reading():
             self.generation = self.folder.generation()
             self.encoder = load_search_encoder(self.folder, model, device, engine)
-            self.index, self.info = load_index(self.folder)
+            self.index, self.info = load_search_index(self.folder)
             if snapshot:
                 self.folder.pin_token_shards()
             # Documents cut into several windows (rows): only then are hits merged by doc_id.

@@ -266,16 +266,28 @@ def print_tokenized(result: dict, index: Path) -> None:
 def build_index(
     index: IndexOption,
     index_key: Annotated[str | None, typer.Option(
-        help="A FAISS factory string (e.g. Flat, HNSW32, IVF1024,Flat). Default: by size.")]
-    = None,
+        help="A FAISS factory string (e.g. Flat, HNSW32, IVF1024,Flat, "
+             "OPQ64,IVF65536_HNSW32,PQ64x8), optionally with ',Rescore(int8|fp16|fp32)' "
+             "(vectors on disk re-rank the candidates); binary codes: 'BFlat,Rescore(int8)'. "
+             "Default: by size and --memory-budget.")] = None,
     target_recall: Annotated[float, typer.Option(
         help="Tune nprobe/efSearch until recall@10 against exact search reaches this.")] = 0.95,
+    memory_budget: Annotated[str | None, typer.Option(
+        help="RAM the build may use, e.g. 4GB, 512MB (the index takes at most half): picks "
+             "the index key, and streams the vectors shard by shard when they don't fit. "
+             "Default: half this machine's RAM.")] = None,
+    ray: Annotated[str | None, typer.Option(
+        help="Add the shards in Ray tasks: auto, local, ray://HOST:PORT or HOST:PORT "
+             "(streams; IVF parts are merged on this machine).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the index is current.")] = False,
 ):
     """Stage 3: build a FAISS inner-product index over the embeddings, with measured recall."""
     from pipeline.index.build import run_build_index
+    from pipeline.index.choice import parse_bytes
 
     if not 0 < target_recall <= 1:
         raise UsageError("--target-recall must be in (0, 1]")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else None
     run_build_index(index, index_key=index_key, target_recall=target_recall, force=force,
+                    memory_budget=budget, ray=ray,
                     console=err_console)  # prints its own summary

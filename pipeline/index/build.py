@@ -18,18 +18,21 @@ import numpy as np
 
 from pipeline.errors import IndexFolderError, IndexKeyError, UsageError
 from pipeline.folder import IndexFolder, check_shard, sample_rows
-from pipeline.index import store
+from pipeline.index import store, streamed
 from pipeline.index.choice import (
     ADD_BLOCK_ROWS,
     MIN_TRAIN_ROWS,
     TRAIN_POINTS_PER_LIST,
     apply_params,
     choose_index_key,
+    default_memory_budget,
     faiss_reason,
+    index_bytes,
     make_index,
     search_params_grid,
 )
 from pipeline.index.recall import RECALL_K, held_out_truth, measure_recall
+from pipeline.index.rescore import is_binary_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +160,9 @@ def tune(index: faiss.Index, key: str, vectors: np.ndarray, k: int, target_recal
 
 
 def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
-                    target_recall: float = 0.95, force: bool = False, console=None) -> dict:
+                    target_recall: float = 0.95, force: bool = False,
+                    memory_budget: int | None = None, ray: str | None = None,
+                    console=None) -> dict:
     """The build-index stage: embedding shards -> index.faiss + index.json in `index_dir`,
     with the folder held (no other command reads or writes it meanwhile)."""
     folder = IndexFolder(index_dir)
@@ -165,21 +170,39 @@ def run_build_index(index_dir: str | Path, *, index_key: str | None = None,
         folder.require_embeddings()  # the one-line error, without making the folder
     with folder.writing("build-index"):
         return build_folder_index(index_dir, index_key=index_key, target_recall=target_recall,
-                                  force=force, console=console)
+                                  force=force, memory_budget=memory_budget, ray=ray,
+                                  console=console)
+
+
+def needs_streaming(n: int, dim: int, key: str, memory_budget: int) -> bool:
+    """Whether the build must read the vectors shard by shard: when all of them as float32
+    beside the index would pass the budget, and always for rescored or binary keys (their
+    codes and rescore file are written as the shards go by)."""
+    base, rescore = split_key(key)
+    if rescore is not None or is_binary_key(base):
+        return True
+    return n * dim * 4 + index_bytes(n, dim, key) > memory_budget
 
 
 def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
-                       target_recall: float = 0.95, force: bool = False, console=None) -> dict:
+                       target_recall: float = 0.95, force: bool = False,
+                       memory_budget: int | None = None, ray: str | None = None,
+                       console=None) -> dict:
     """`run_build_index` once the folder is held.
 
     Skips (returns the existing info, with "skipped": True) when index.json was built from the
     current embeddings with the same settings, unless `force`. `console` (rich) shows progress.
+    `memory_budget` (bytes; default half the RAM) picks the key (choice.choose_index_key) and
+    whether the vectors are loaded at once or streamed (streamed.py); `ray` adds the shards
+    in Ray tasks (index/ray_build.py).
     """
     if not 0 < target_recall <= 1:
         raise UsageError(f"target recall must be in (0, 1], got {target_recall}")
     folder = IndexFolder(index_dir)
     folder.require_embeddings()
     settings = {"index_key": index_key, "target_recall": target_recall}
+    if memory_budget is not None:
+        settings["memory_budget"] = int(memory_budget)
     current = store.current_info(folder, settings) if not force else None
     if current is not None:
         log.info("%s is current: skipping build-index", folder.info_file)
@@ -195,18 +218,63 @@ def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
             if shown is not None:
                 shown.update(message)
 
-        if index_key is not None:  # a bad key fails before the vectors are read
-            make_index(folder.embedding_dim(), index_key)
+        n, dim = folder.rows, folder.embedding_dim()
+        budget = memory_budget or default_memory_budget()
+        key = index_key or choose_index_key(n, dim, budget)
+        make_index(dim, key)  # a bad key fails before the vectors are read
         check_embedding_shards(folder)
-        vectors = folder.load_vectors()
-        if len(vectors) != folder.rows:
-            raise IndexFolderError(f"{folder.path}: embedding shards hold {len(vectors)} rows, "
-                                   f"the manifest {folder.rows}: run `pipeline embed --index`")
-        index, info = build_index(vectors, index_key, target_recall, progress=progress)
-        info = store.write_index(folder, index, {**info, "settings": settings})
+        store.remove_stale_side_files(folder, keep=kept_side_files(folder))
+        if ray is not None or needs_streaming(n, dim, key, budget):
+            built = build_streamed_folder(folder, key, budget, target_recall, ray, progress)
+            side = {role: path for role, path in (("ivfdata", built.ivfdata),
+                                                  ("rescore", built.rescore_path)) if path}
+            info = store.write_index(folder, built.index, {**built.info, "settings": settings},
+                                     side)
+        else:
+            vectors = folder.load_vectors()
+            if len(vectors) != n:
+                raise IndexFolderError(f"{folder.path}: embedding shards hold {len(vectors)} "
+                                       f"rows, the manifest {n}: run `pipeline embed --index`")
+            index, info = build_index(vectors, key, target_recall, progress=progress)
+            del vectors
+            info = store.write_index(folder, index, {**info, "build": "in-memory",
+                                                     "memory_budget": int(budget),
+                                                     "settings": settings})
     if console is not None:
         console.print(summary_line(info, folder.index_file), highlight=False)
     return info
+
+
+def kept_side_files(folder: IndexFolder) -> set[str]:
+    """The side files the folder's current index.json names (a build that fails keeps them)."""
+    try:
+        info = store.read_index_info(folder)
+    except IndexFolderError:
+        return set()
+    return {record["name"] for record in info.get("side_files", {}).values()}
+
+
+class FolderSource:
+    """An index folder's embedding shards as a streamed.VectorSource."""
+
+    def __init__(self, folder: IndexFolder):
+        self.folder, self.n, self.dim = folder, folder.rows, folder.embedding_dim()
+
+    def shards(self):
+        yield from self.folder.vector_shards()
+
+
+def build_streamed_folder(folder: IndexFolder, key: str, budget: int, target_recall: float,
+                          ray: str | None, progress: Progress) -> streamed.StreamedBuild:
+    source = FolderSource(folder)
+    map_shards = None
+    if ray is not None:
+        from pipeline.index.ray_build import ray_shard_mapper
+
+        map_shards = ray_shard_mapper(folder, ray, progress)
+    return streamed.build_streamed(source, key, folder.path, memory_budget=budget,
+                                   target_recall=target_recall, progress=progress,
+                                   map_shards=map_shards)
 
 
 def check_embedding_shards(folder: IndexFolder) -> None:
@@ -223,7 +291,20 @@ def summary_line(info: dict, index_path: Path) -> str:
     met = "" if info["target_met"] is not False else " (below target)"
     params = (", ".join(f"{k}={v}" for k, v in info["params"].items())
               or ("exact" if info["key"] == "Flat" else "no search parameters"))
+    memory = info.get("memory", {})
+    held = (f", {human_bytes(memory['index_bytes'])} to search "
+            f"({memory['compression']:.1f}x under float32)") if memory else ""
+    if memory.get("rescore_bytes"):
+        held += f" + {human_bytes(memory['rescore_bytes'])} rescore file on disk"
     return (f"index: {info['key']} over {info['n']:,} x {info['dim']}, {params}, "
             f"recall@{info['recall_k']} {info['recall']} (target "
-            f"{info['settings']['target_recall']}){met} in "
+            f"{info['settings']['target_recall']}){met}{held} in "
             f"{sum(info['seconds'].values()):.1f} s -> {index_path}")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -13,7 +13,8 @@ import re
 
 import faiss
 
-from pipeline.errors import IndexKeyError
+from pipeline.errors import IndexKeyError, UsageError
+from pipeline.index.rescore import is_binary_key, split_key
 
 # Exact search reads every vector for every query, with no build or tuning and no recall lost;
 # past 2**25 floats (128 MiB; 87k rows at 384 dims) its time per query is worth an approximate
@@ -38,14 +39,27 @@ MIN_TRAIN_ROWS = 16_384
 REFINE_K_FACTOR = 32
 MAX_EF_SEARCH = 4096
 ADD_BLOCK_ROWS = 65_536
+# From this many lists on, an HNSW graph over the centroids assigns vectors to lists (autofaiss
+# does the same): a flat quantizer's nlist * dim multiply-adds per vector dominate the build.
+HNSW_QUANTIZER_LISTS = 16_384
 
 
 def ivf_lists(n: int) -> int:
-    """IVF list count: ~4*sqrt(n) (FAISS guidelines: 4..16*sqrt(N)) as the nearest power of two,
-    capped so k-means gets FAISS's minimum of 39 training points per list."""
-    nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    """IVF list count, as autofaiss chooses it: ~4*sqrt(n) (FAISS guidelines: 4..16*sqrt(N))
+    as the nearest power of two below 1M vectors; 2^16 up to 10M, 2^17 up to 300M, 2^18
+    beyond; always capped so k-means gets FAISS's minimum of 39 training points per list."""
+    if n < 1_000_000:
+        nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    else:
+        nlist = 2 ** (16 if n <= 10_000_000 else 17 if n <= 300_000_000 else 18)
     cap = 2 ** int(math.log2(max(n // MIN_POINTS_PER_LIST, 1)))
     return max(1, min(nlist, cap))
+
+
+def coarse_quantizer(nlist: int) -> str:
+    """FAISS's IVF prefix: a flat quantizer compares each vector with every list centroid, so
+    past HNSW_QUANTIZER_LISTS lists an HNSW graph over the centroids assigns them instead."""
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
 
 
 def pq_subquantizers(dim: int) -> int:
@@ -54,39 +68,75 @@ def pq_subquantizers(dim: int) -> int:
     return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
 
 
+def parse_bytes(text: str | int) -> int:
+    """'4GB', '512MB', '2GiB', '1.5G', '1000000' -> bytes (GB = 10^9, GiB = 2^30)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise UsageError(f"memory budget {text!r} is not a size: write e.g. 4GB, 512MB, 2GiB")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    power = " KMGT".index(unit) if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
 def default_memory_budget() -> int:
-    """Half the machine's RAM: the build holds all float32 vectors beside the index."""
+    """Half the machine's RAM."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def choose_index_key(n: int, dim: int, memory_bytes: int | None = None) -> str:
-    """A FAISS factory string for n vectors of dim dims, after FAISS's guidelines and autofaiss.
+def index_bytes(n: int, dim: int, key: str) -> int:
+    """What an index of n vectors takes in RAM when searched, roughly: codes and ids per
+    vector, plus the coarse quantizer's centroids (and graph); a rescore file stays on disk."""
+    base, _ = split_key(key)
+    nlist = int(m.group(1)) if (m := re.search(r"IVF(\d+)", base)) else 0
+    quantizer = nlist * (4 * dim + (HNSW_LINK_BYTES if "_HNSW" in base else 0))
+    ids = IVF_ID_BYTES if nlist else 0
+    if base.startswith("B"):
+        per_vector = dim // 8 + ids
+    elif base == "Flat" or base.endswith(",Flat") and nlist:
+        per_vector = 4 * dim + ids
+    elif base.startswith("HNSW"):
+        per_vector = 4 * dim + HNSW_LINK_BYTES
+    elif m := re.search(r"PQ(\d+)x8(,Refine\(SQfp16\))?", base):
+        per_vector = int(m.group(1)) + (2 * dim if m.group(2) else 0) + ids
+    elif "SQ8" in base:
+        per_vector = dim + ids
+    else:
+        per_vector = 4 * dim + ids
+    return n * per_vector + quantizer
 
-    `Flat` (exact) while n*dim <= FLAT_MAX_FLOATS. Beyond, the first of these whose size fits
-    `memory_bytes` (default: half this machine's RAM); each step roughly halves the bytes per
-    vector and gives up some recall, which tuning and index.json then show:
+
+def choose_index_key(n: int, dim: int, memory_bytes: int | None = None) -> str:
+    """An index key for n vectors of dim dims, after FAISS's guidelines and autofaiss.
+
+    `Flat` (exact) while n*dim <= FLAT_MAX_FLOATS. Beyond, the first of these whose RAM
+    (`index_bytes`) fits half of `memory_bytes` (default: half this machine's RAM; the other
+    half is the build's, for its training sample and a shard at a time). Each step roughly
+    halves the bytes per vector and gives up some recall, which tuning and index.json show:
     - `HNSW32` (up to HNSW_MAX_ROWS rows): best recall per ms of query, slowest build.
-    - `IVF{nlist},Flat`, nlist ~ 4*sqrt(n): float32 vectors in lists; all nprobe = exact.
-    - `IVF{nlist},PQ{m}x8,Refine(SQfp16)`: PQ codes shortlist, float16 codes re-rank (RFlat
-      would keep the float32 vectors and save nothing).
+    - `IVF{nlist},Flat`, nlist as `ivf_lists`: float32 vectors in lists; all nprobe = exact.
+    - `IVF{nlist},PQ{m}x8,Refine(SQfp16)`: PQ codes shortlist, float16 codes re-rank in RAM.
     - `IVF{nlist},SQ8`: one byte per dimension (of the residual to the list centroid).
-    - `IVF{nlist},PQ{m}x8`: a quarter byte per dimension; recall may miss the target.
+    - `OPQ{m},IVF{nlist},PQ{m}x8,Rescore(fp16)`: m bytes per vector in RAM (the most that fit,
+      m dividing dim, up to dim/4), float16 vectors on disk to re-rank the shortlist.
     """
     if n * dim <= FLAT_MAX_FLOATS:
         return "Flat"
     if memory_bytes is None:
         memory_bytes = default_memory_budget()
-    nlist, m = ivf_lists(n), pq_subquantizers(dim)
-    tiers = [(f"IVF{nlist},Flat", 4 * dim + IVF_ID_BYTES),
-             (f"IVF{nlist},PQ{m}x8,Refine(SQfp16)", m + 2 * dim + IVF_ID_BYTES),
-             (f"IVF{nlist},SQ8", dim + IVF_ID_BYTES),
-             (f"IVF{nlist},PQ{m}x8", m + IVF_ID_BYTES)]
+    nlist = ivf_lists(n)
+    ivf, m = coarse_quantizer(nlist), pq_subquantizers(dim)
+    tiers = [f"{ivf},Flat", f"{ivf},PQ{m}x8,Refine(SQfp16)", f"{ivf},SQ8"]
     if n <= HNSW_MAX_ROWS:
-        tiers.insert(0, (f"HNSW{HNSW_M}", 4 * dim + HNSW_LINK_BYTES))
-    for key, bytes_per_vector in tiers:
-        if n * bytes_per_vector <= memory_bytes:
+        tiers.insert(0, f"HNSW{HNSW_M}")
+    # PQ sizes down to ~48 dims per byte, past which the shortlist is too poor to rescore.
+    compressed = [f"OPQ{s},{ivf},PQ{s}x8,Rescore(fp16)" for s in range(m, 0, -1)
+                  if dim % s == 0 and (s >= dim // 48 or s == m)]
+    for key in tiers + compressed:
+        if index_bytes(n, dim, key) <= memory_bytes // 2:
             return key
-    return tiers[-1][0]
+    return compressed[-1]
 
 
 def faiss_reason(err: Exception) -> str:
@@ -96,13 +146,27 @@ def faiss_reason(err: Exception) -> str:
     return match.group(1) if match else text
 
 
-def make_index(dim: int, key: str) -> faiss.Index:
-    """An empty inner-product index from a FAISS factory string; ValueError (one line) if the
-    string does not parse or makes an index that cannot serve as row-numbered IP search."""
+def make_index(dim: int, key: str) -> faiss.Index | faiss.IndexBinary:
+    """An empty index from an index key: a FAISS factory string (inner product), or a binary
+    one (BFlat, BIVF1024, ...: Hamming distance over `rescore.binary_codes`), optionally followed
+    by `,Rescore(int8|fp16|fp32)` (rescore.py; binary keys need it). IndexKeyError (one line)
+    if the key does not parse or makes an index that cannot serve as row-numbered search."""
     if not key or not key.strip():
         raise IndexKeyError("index key is empty; give a FAISS factory string such as 'HNSW32'")
+    base, rescore = split_key(key)
+    if is_binary_key(base):
+        if rescore is None:
+            raise IndexKeyError(f"index key {key!r}: binary codes rank by Hamming distance, not "
+                                f"cosine: add ',Rescore(int8)' (or fp16/fp32)")
+        if dim % 8:
+            raise IndexKeyError(f"index key {key!r}: binary codes need dims divisible by 8, "
+                                f"have {dim}")
+        try:
+            return faiss.index_binary_factory(dim, base)
+        except RuntimeError as err:
+            raise IndexKeyError(f"invalid index key {key!r}: {faiss_reason(err)}") from None
     try:
-        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise IndexKeyError(f"invalid index key {key!r}: {faiss_reason(err)}") from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:

@@ -65,6 +65,38 @@ def _candidates(scores: np.ndarray, kb: int, scale: np.ndarray, dim: int) -> np.
     return np.argpartition(-scores, wanted - 1, axis=1)[:, :wanted]
 
 
+def block_top_k(queries: np.ndarray, block: np.ndarray, first_row: int, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of one block of rows (global ids from `first_row`): (scores float64, ids),
+    each (nq, min(k, rows)), in `exact_inner`'s arithmetic; `merge_top_k` joins blocks. A
+    block's result depends only on the block, so blocks may be done anywhere (a Ray task)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    block = np.asarray(block, dtype=np.float32)
+    kb = min(k, len(block))
+    if kb == 0:
+        return np.zeros((len(queries), 0), np.float64), np.zeros((len(queries), 0), np.int64)
+    scores = queries @ block.T  # (nq, rows in block)
+    scale = np.linalg.norm(queries, axis=1) * float(np.linalg.norm(block, axis=1).max())
+    top = _candidates(scores, kb, scale, block.shape[1])
+    return exact_inner(queries, block[top]), top.astype(np.int64) + first_row
+
+
+def merge_top_k(parts: Iterable[tuple[np.ndarray, np.ndarray]], nq: int, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of several (scores, ids) results per query, ties to the lower id; ids -1
+    (score -inf) where fewer than k were given."""
+    best_scores = np.full((nq, k), -np.inf, np.float64)
+    best_ids = np.full((nq, k), -1, np.int64)
+    for scores, ids in parts:
+        cand_scores = np.concatenate([best_scores, scores], axis=1)
+        cand_ids = np.concatenate([best_ids, ids], axis=1)
+        order = np.lexsort((np.where(cand_ids >= 0, cand_ids, np.iinfo(np.int64).max),
+                            -cand_scores), axis=-1)[:, :k]
+        best_scores = np.take_along_axis(cand_scores, order, axis=1)
+        best_ids = np.take_along_axis(cand_ids, order, axis=1)
+    return best_scores, best_ids
+
+
 def exact_neighbours(vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, k: int,
                      block_rows: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products, in numpy (independent of FAISS), streaming over the vectors.
@@ -75,25 +107,15 @@ def exact_neighbours(vectors: np.ndarray | Iterable[np.ndarray], queries: np.nda
     ranks them; ids are -1 (score -inf) where there are fewer than k rows.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    nq = len(queries)
-    query_norms = np.linalg.norm(queries, axis=1)
-    best_scores = np.full((nq, k), -np.inf, np.float64)
-    best_ids = np.full((nq, k), -1, np.int64)
-    start = 0
-    for block in _blocks(vectors, block_rows):
-        block = np.asarray(block, dtype=np.float32)
-        kb = min(k, len(block))
-        if kb:
-            scores = queries @ block.T  # (nq, rows in block)
-            scale = query_norms * float(np.linalg.norm(block, axis=1).max())
-            top = _candidates(scores, kb, scale, block.shape[1])
-            cand_scores = np.concatenate([best_scores, exact_inner(queries, block[top])], axis=1)
-            cand_ids = np.concatenate([best_ids, top + start], axis=1)
-            order = np.lexsort((cand_ids, -cand_scores), axis=-1)[:, :k]
-            best_scores = np.take_along_axis(cand_scores, order, axis=1)
-            best_ids = np.take_along_axis(cand_ids, order, axis=1)
-        start += len(block)
-    return best_scores.astype(np.float32), best_ids
+
+    def parts():
+        start = 0
+        for block in _blocks(vectors, block_rows):
+            yield block_top_k(queries, block, start, k)
+            start += len(block)
+
+    scores, ids = merge_top_k(parts(), len(queries), k)
+    return scores.astype(np.float32), ids
 
 
 def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from pipeline.folder import (
     EMBEDDINGS_DIR,
     FORMAT_VERSION,
     INDEX_FILE,
+    INDEX_SIDE_PATTERNS,
     INFO_FILE,
     MANIFEST,
     TOKENS_DIR,
@@ -159,6 +160,9 @@ def swap_in_tokens(folder: IndexFolder, work: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in (INDEX_FILE, INFO_FILE):
         (folder.path / stale).unlink(missing_ok=True)
+    for pattern in INDEX_SIDE_PATTERNS:  # index.<build>.ivfdata / .rescore
+        for stale in folder.path.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     work.rename(folder.tokens_dir)
 
 
