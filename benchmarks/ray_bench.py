@@ -58,7 +58,17 @@ def embed_figures(section: dict, seconds: float) -> dict:
             "tokens_per_s": round(stats["tokens"] / seconds, 1),
             "steady_tokens_per_s": round(stats["tokens"] / (last - first), 1)
             if first is not None and last and last > first else None,
-            "stats": stats}
+            **ray_steady(stats), "stats": stats}
+
+
+def ray_steady(stats: dict) -> dict:
+    """The Ray engine's steady rate from its first actor ready to every shard committed:
+    what the driver sees, against `steady_tokens_per_s`'s first shard ready for a GPU to the
+    last vectors back from one (as the local engine's)."""
+    first, done = stats.get("models_ready_at_s"), stats.get("ray_done_at_s")
+    if first is None or done is None or done <= first:
+        return {}
+    return {"steady_to_committed_tokens_per_s": round(stats["tokens"] / (done - first), 1)}
 
 
 def main() -> int:
@@ -154,6 +164,24 @@ def main() -> int:
           f"{cluster_start_s:.1f} s start); shards identical: {identical}; tokenize local "
           f"{tokenize_local_s:.1f} s, Ray {tokenize_ray_s:.1f} s (identical: "
           f"{tokens_identical})")
+    for calls, figures in result["embed_ray_by_gpu_calls"].items():
+        stats, rate = figures["stats"], figures["steady_tokens_per_s"] or 0
+        print(f"Ray, {calls} calls per GPU actor: {figures['seconds']:.1f} s wall, steady "
+              f"{rate:,.0f} tok/s ({rate / (e_local['steady_tokens_per_s'] or 1):.1%}"
+              f" of local's {e_local['steady_tokens_per_s'] or 0:,.0f}); first ready at "
+              f"{stats.get('models_ready_at_s')} s, first shard ready at "
+              f"{stats.get('first_shard_at_s')} s, last vectors at "
+              f"{stats.get('last_vectors_at_s')} s, all committed at "
+              f"{stats.get('ray_done_at_s')} s (actor ready to committed: "
+              f"{figures.get('steady_to_committed_tokens_per_s', 0):,.0f} tok/s); "
+              f"local: first shard at "
+              f"{e_local['stats'].get('first_shard_at_s')} s, last vectors at "
+              f"{e_local['stats'].get('last_vectors_at_s')} s)")
+        for w in stats["workers"]:
+            print(f"  {w['worker']}: {w['shards']} shards ({w['shards_written']} written "
+                  f"there), GPU first to last kernel {w.get('gpu_first_to_last_s')} s, idle "
+                  f"between shards {w.get('gpu_idle_between_shards_s')} s; start-up "
+                  f"{json.dumps(w['startup'])}")
     return 0
 
 

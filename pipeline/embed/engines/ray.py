@@ -26,14 +26,17 @@ checking each one's sha256 against the manifest before using it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 import queue
 import threading
 import time
+import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +61,11 @@ PIECE_ROWS = 1024
 # shard is written (Parquet and its sha256 take ~0.5 s for 50k x 768 vectors).
 WRITERS = 2
 GPU_CALLS = 2  # calls a GPU actor runs at a time: one on the GPU, the next being queued
+# Whether an actor that sees the driver's folder writes whole shards itself (tests turn it
+# off to check the other way, the vectors through the object store).
+WRITE_ON_WORKERS = True
 MODEL_FILES = "model"  # prefixes of the workers' temp folders
+IMPORTED_AT = time.time()  # in an actor's process: soon after it started (its startup times)
 RANKS_FILES = "ranks"
 
 
@@ -75,6 +82,28 @@ class WorkerSettings:
     gpu: bool
     threads: int  # torch threads per CPU actor
     calls: int = 1  # calls an actor runs at a time (GPU_CALLS on a GPU)
+    width: int | None = None  # n_embd, to compile the fused kernel while the weights load
+    model_path: str | None = None  # the driver's checkpoint folder: loaded from there if an
+    # actor sees the same files (a shared filesystem, one machine), else shipped
+    out_dir: str | None = None  # INDEX/embeddings/, where an actor that sees the driver's
+    marker: str | None = None   # marker file (`out_dir`/`marker`) writes whole shards itself
+
+
+def arriving(blocks, moments: dict):
+    """`blocks` as they come, moments["vectors_at"] set as each arrives (before its write)."""
+    for block in blocks:
+        moments["vectors_at"] = time.time()
+        yield block
+
+
+def process_started_at() -> float | None:
+    """When this process started, by the wall clock (Linux; else None)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def split_batches(batches: list[list[int]], lengths: np.ndarray, pieces: int
@@ -92,30 +121,58 @@ def split_batches(batches: list[list[int]], lengths: np.ndarray, pieces: int
 
 
 class EmbedPieces:
-    """A Ray Data actor: loads the model once, then embeds one piece per call."""
+    """A Ray Data actor: loads the model once, then embeds one piece per call.
+
+    A whole shard (every GPU piece; a CPU shard of at most PIECE_ROWS rows) is embedded and
+    written exactly as the local engine does it (`start_embed_flat`, then
+    `write_embedding_shard` over `parts(WRITE_ROWS)`, block by block as the GPU finishes
+    them) when this actor sees the driver's folder (its marker file is there: one machine,
+    or a shared filesystem); it returns the file's sha256 and the driver commits it. Where
+    it does not, and for a CPU piece of a shard, the vectors go back to the driver.
+    """
 
     def __init__(self, settings: WorkerSettings, model_files, ranks_files):
+        began = time.perf_counter()
         import ray
         import torch
 
-        from pipeline.embed.encoder import Encoder
         from pipeline.ray_cluster import unpack_files, worker_name
 
         self.settings, self.name = settings, worker_name()
+        startup = self.startup = {"process_started_at": process_started_at(),
+                                  "module_imported_at": IMPORTED_AT,
+                                  "constructor_began_at": time.time() - (time.perf_counter()
+                                                                         - began)}
         if ranks_files is not None:
             os.environ[ENV_RANKS] = str(unpack_files(ray.get(ranks_files[0]), RANKS_FILES)
                                         / RANKS_FILENAME)
         if not settings.gpu:
             torch.set_num_threads(settings.threads)
-        spec = settings.random_spec or str(unpack_files(ray.get(model_files[0]), MODEL_FILES))
-        self.encoder = Encoder.load(spec, "cuda" if settings.gpu else "cpu", settings.pooling,
-                                    settings.precision)
+        t = time.perf_counter()
+        compiling = self._compile_ahead()  # while the weights load, as the local engine
+        self.encoder, startup["model_from"] = self._load(model_files)
         if self.encoder.sha256 != settings.model_sha256:
             raise IndexFolderError(f"the model on {self.name} is not the driver's (sha256 "
                                    f"{self.encoder.sha256[:12]} != {settings.model_sha256[:12]})")
-        self.encoder.warm_up()
-        self.ready_at = time.time()  # wall clock: the driver's is on another host's clock
-        self._cached: tuple[str, np.ndarray, np.ndarray] | None = None  # the last shard read
+        startup["load_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        self.encoder.warm_up(compiling)
+        startup["warm_up_s"] = round(time.perf_counter() - t, 3)
+        self.out_dir = self._out_dir()
+        startup["writes_shards"] = self.out_dir is not None
+        # The GPU's clock: each shard's first and last kernel, relative to this event, show
+        # where the GPU waited between shards (WorkerTally.gpu_busy).
+        self._clock = None
+        if self.encoder.device.type == "cuda":
+            from pipeline.embed.gpu import recorded_event
+
+            with torch.cuda.device(self.encoder.device):
+                self._clock = recorded_event(timing=True)
+                self._clock.synchronize()
+        self.ready_at = startup["ready_at"] = time.time()  # wall clock: the driver's is on
+        startup["constructor_s"] = round(time.perf_counter() - began, 3)  # another host's
+        self._cached: tuple | None = None  # the last shard read: (name, table, values, offsets)
+        self._reading = threading.Lock()
         self._queueing = threading.Lock()
         # The packed path's layouts planned in child processes, one per concurrent call, as
         # the local engine does (layout.py: in this process they would hold the GIL that
@@ -124,36 +181,111 @@ class EmbedPieces:
         for _ in range(settings.calls if self.encoder.packs else 0):
             self._planners.put(Planner())
 
+    def _compile_ahead(self):
+        """The packed path's fused kernel compiling in a thread (`gpu.compile_ahead`), from
+        the driver's n_embd, so that it overlaps fetching and loading the weights."""
+        s = self.settings
+        if not (s.gpu and s.width):
+            return None
+        import torch
+
+        from pipeline.embed.device import resolve_precision
+        from pipeline.model import fused
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        if resolve_precision(s.precision, device) != "bf16":
+            return None
+        return fused.start_compile(device, torch.bfloat16, s.width)
+
+    def _load(self, model_files):
+        """(encoder, where its weights came from): the driver's checkpoint folder where this
+        actor sees it with the same weights (no copy through the object store and a temp
+        folder), else the shipped files."""
+        import ray
+
+        from pipeline.embed.encoder import Encoder
+        from pipeline.errors import PipelineError
+        from pipeline.ray_cluster import unpack_files
+
+        s = self.settings
+        device = "cuda" if s.gpu else "cpu"
+        if s.random_spec:
+            return Encoder.load(s.random_spec, device, s.pooling, s.precision), "random"
+        if s.model_path and Path(s.model_path).is_dir():
+            try:
+                encoder = Encoder.load(s.model_path, device, s.pooling, s.precision)
+                if encoder.sha256 == s.model_sha256:
+                    return encoder, "path"
+            except (PipelineError, OSError):
+                pass  # not the driver's files after all: use the shipped ones
+        spec = str(unpack_files(ray.get(model_files[0]), MODEL_FILES))
+        return Encoder.load(spec, device, s.pooling, s.precision), "object store"
+
+    def _out_dir(self) -> Path | None:
+        """INDEX/embeddings/ if this actor sees the driver's folder (the marker the driver
+        wrote there for this run is there), else None."""
+        s = self.settings
+        if s.out_dir and s.marker:
+            with contextlib.suppress(OSError):
+                if (Path(s.out_dir) / s.marker).read_text() == s.marker:
+                    return Path(s.out_dir)
+        return None
+
     def __call__(self, batch: dict) -> dict:
         item = {key: column[0] for key, column in batch.items()}  # batch_size=1: one piece
-        shard, piece = str(item["shard"]), int(item["piece"])
-        started = time.perf_counter()
-        values, offsets = self._tokens(shard, str(item["location"]), str(item["sha256"]))
-        rows, vectors, passes = self._embed(values, offsets, piece, int(item["pieces"]))
+        shard, piece, pieces = str(item["shard"]), int(item["piece"]), int(item["pieces"])
+        started, began_at = time.perf_counter(), time.time()
+        table, values, offsets = self._tokens(shard, str(item["location"]), str(item["sha256"]))
+        # When its tokens were ready for the device, and its last vectors came back (as
+        # the local engine's first_shard_at_s and last_vectors_at_s): wall clock.
+        moments = {"ready_at": time.time()}
+        record, span = None, None
+        if pieces == 1:
+            rows = np.arange(len(offsets) - 1)
+            vectors, passes, record, span = self._embed_shard(shard, table, values, offsets,
+                                                              moments)
+        else:
+            rows, vectors = self._embed_batches(values, offsets, piece, pieces)
+            passes = []
+        moments.setdefault("vectors_at", time.time())
+        tokens = int((offsets[rows + 1] - offsets[rows]).sum())
         return {"shard": np.array([shard]), "piece": np.array([piece]),
+                "written": np.array([record is not None]),
+                "sha256": np.array([record["sha256"] if record else ""]),
                 "rows": np.array([rows.astype(np.int64).tobytes()], dtype=object),
-                "vectors": np.array([np.ascontiguousarray(vectors).tobytes()], dtype=object),
+                "vectors": np.array([b"" if vectors is None
+                                     else np.ascontiguousarray(vectors).tobytes()],
+                                    dtype=object),
+                "dtype": np.array([str(vectors.dtype) if vectors is not None else ""]),
                 "passes": np.array([np.asarray(passes, np.int64).tobytes()], dtype=object),
-                "tokens": np.array([int((offsets[rows + 1] - offsets[rows]).sum())]),
+                "tokens": np.array([tokens]),
                 "worker": np.array([self.name]), "device": np.array([str(self.encoder.device)]),
                 "precision": np.array([self.encoder.precision]),
                 "seconds": np.array([time.perf_counter() - started]),
+                "began_at": np.array([began_at]), "ended_at": np.array([time.time()]),
+                "tokens_ready_at": np.array([moments["ready_at"]]),
+                "vectors_at": np.array([moments["vectors_at"]]),
+                "gpu_span": np.array([np.asarray(span or (), np.float64).tobytes()],
+                                     dtype=object),
+                "startup": np.array([json.dumps(self.startup)]),
                 "ready_at": np.array([self.ready_at])}
 
     def _tokens(self, shard: str, location: str, sha256: str):
-        """A token shard's (values, offsets), read where it is, checked against its hash."""
+        """A token shard's (table, values, offsets), read where it is, checked against its
+        hash."""
         from pipeline.ray_cluster import read_bytes
 
-        cached = self._cached  # read once: a GPU actor runs two calls at a time
-        if cached is None or cached[0] != shard:
-            data = read_bytes(location)
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise IndexFolderError(f"{location} on {self.name} is not the token shard the "
-                                       "manifest records (its sha256 differs): is the "
-                                       "workers' copy of the folder stale?")
-            table = pq.read_table(pa.BufferReader(data), columns=["tokens"])
-            cached = self._cached = (shard, *shard_tokens(table))
-        return cached[1], cached[2]
+        with self._reading:  # read once: a GPU actor runs two calls at a time
+            cached = self._cached
+            if cached is None or cached[0] != shard:
+                data = read_bytes(location)
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    raise IndexFolderError(f"{location} on {self.name} is not the token shard "
+                                           "the manifest records (its sha256 differs): is the "
+                                           "workers' copy of the folder stale?")
+                table = pq.read_table(pa.BufferReader(data))
+                cached = self._cached = (shard, table, *shard_tokens(table))
+        return cached[1], cached[2], cached[3]
 
     def _plan(self, values, offsets):
         planner = self._planners.get()
@@ -163,29 +295,43 @@ class EmbedPieces:
         finally:
             self._planners.put(planner)
 
-    def _embed(self, values, offsets, piece: int, pieces: int):
-        """(rows, vectors, pass ends) of one piece: the whole shard on a GPU (packed passes,
-        each ending at a row), else the piece's run of the local engine's own padded batches
-        (float32, as it computes them; no passes)."""
+    def _embed_shard(self, shard: str, table, values, offsets, moments: dict):
+        """(vectors or None, pass ends, record or None, GPU span) of a whole shard, computed
+        as the local engine does: on a GPU, packed passes (each ending at a row), two calls
+        at a time (GPU_CALLS): one plans and queues its shard while the other's is on the
+        GPU, queueing one at a time, the waiting not. Written here when this actor sees the
+        folder (`record`: the file's rows and sha256), else the vectors in row order."""
         s = self.settings
-        if s.gpu:
-            # Two calls at a time (GPU_CALLS): one plans and queues its shard while the
-            # other's is on the GPU, as the local engine's threads do; queueing is one at
-            # a time, the waiting is not.
-            plan = self._plan(values, offsets) if self.encoder.packs else None
-            with self._queueing:
-                pending = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
-                                                        DTYPES[s.dtype], plan)
+        plan = self._plan(values, offsets) if self.encoder.packs else None
+        moments["ready_at"] = time.time()
+        with self._queueing:
+            pending = self.encoder.start_embed_flat(values, offsets, s.batch_tokens, None,
+                                                    DTYPES[s.dtype], plan)
+        vectors, record = None, None
+        if self.out_dir is not None:
+            record = write_embedding_shard(self.out_dir / shard, table,
+                                           arriving(pending.parts(WRITE_ROWS), moments))
+        else:
             vectors = pending.result()
-            return np.arange(len(offsets) - 1), vectors, [rows for rows, _ in pending.done]
+            moments["vectors_at"] = time.time()
+        span = None
+        if self._clock is not None and pending.started is not None:
+            span = (self._clock.elapsed_time(pending.started),
+                    self._clock.elapsed_time(pending.done[-1][1]))
+        return vectors, [rows for rows, _ in pending.done], record, span
+
+    def _embed_batches(self, values, offsets, piece: int, pieces: int):
+        """(rows, vectors) of a piece of a shard: its run of the local engine's own padded
+        batches (float32, as it computes them)."""
+        s = self.settings
         lengths = np.diff(offsets)
         batches = plan_batches(lengths.tolist(), s.batch_tokens)
         mine = split_batches(batches, lengths, pieces)[piece]
         if not mine:
-            return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32), []
+            return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32)
         vectors = [self.encoder.embed_batch([values[offsets[i]:offsets[i + 1]] for i in b])
                    for b in mine]
-        return np.concatenate([np.asarray(b) for b in mine]), np.concatenate(vectors), []
+        return np.concatenate([np.asarray(b) for b in mine]), np.concatenate(vectors)
 
 
 @dataclass
@@ -202,13 +348,20 @@ class ShardAssembly:
     def rows(self) -> int:
         return self.record["rows"]
 
-    def add(self, piece: int, rows: np.ndarray, vectors: np.ndarray) -> bool:
-        """Put a piece's vectors in place; False if this piece was here already (a retry)."""
+    def add(self, piece: int, result: dict) -> bool:
+        """Put a piece's vectors in place (none where its worker wrote the shard); False if
+        this piece was here already (a retry)."""
         if piece in self.arrived:
             return False
         self.arrived.add(piece)
+        rows = np.frombuffer(result["rows"], np.int64)
+        if result["written"] or not len(rows):
+            return True
+        vectors = np.frombuffer(result["vectors"], np.dtype(str(result["dtype"]))).reshape(
+            len(rows), -1)
+        self.passes = np.frombuffer(result["passes"], np.int64).tolist()
         if self.pieces == 1 and np.array_equal(rows, np.arange(self.rows)):
-            self.vectors = vectors  # the whole shard in row order (a GPU's): no copy
+            self.vectors = vectors  # the whole shard in row order: no copy
         else:
             if self.vectors is None:
                 self.vectors = np.zeros((self.rows, vectors.shape[1]), np.float32)
@@ -231,12 +384,32 @@ class WorkerTally:
     rows: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    written: int = 0  # shards the worker wrote itself
+    startup: dict = field(default_factory=dict)
+    gpu_spans: list = field(default_factory=list)  # (first kernel, last) of each shard, ms
 
     def as_dict(self, name: str) -> dict:
-        return {"worker": name, "device": self.device, "precision": self.precision,
-                "shards": len(self.shards), "pieces": self.pieces, "rows": self.rows,
-                "tokens": self.tokens, "seconds": round(self.seconds, 3),
-                "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1)}
+        tally = {"worker": name, "device": self.device, "precision": self.precision,
+                 "shards": len(self.shards), "pieces": self.pieces, "rows": self.rows,
+                 "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                 "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
+                 "shards_written": self.written, "startup": self.startup}
+        if self.gpu_spans:
+            tally.update(gpu_busy(self.gpu_spans))
+        return tally
+
+
+def gpu_busy(spans: list) -> dict:
+    """From each shard's (first kernel, last kernel) on one GPU, in ms: the time from the
+    first shard's start to the last one's end, and how much of it no shard was on the GPU."""
+    spans = sorted(spans)
+    idle, end = 0.0, spans[0][0]
+    for a, b in spans:
+        idle += max(a - end, 0.0)
+        end = max(end, b)
+    first_to_last = end - spans[0][0]
+    return {"gpu_first_to_last_s": round(first_to_last / 1e3, 3),
+            "gpu_idle_between_shards_s": round(idle / 1e3, 3)}
 
 
 def commit_written(writing: dict, commit, wait: bool) -> None:
@@ -293,6 +466,8 @@ class RayEngine:
                                 ).rstrip("/")
         self.workers: dict[str, WorkerTally] = defaultdict(WorkerTally)
         self._timings_lock = threading.Lock()
+        self._wall_origin = time.time()
+        self._moments: dict[str, list] = defaultdict(list)  # the pieces', since the origin
 
     def run(self, tasks: queue.Queue, commit, bar, timings: dict,
             stop: threading.Event | None = None) -> int:
@@ -304,16 +479,35 @@ class RayEngine:
             shards.append(shard)
         if not shards:
             return 0
+        # The stage's origin by the wall clock, for the workers' start-up times.
+        self._wall_origin = time.time() - (time.perf_counter() - timings["origin"])
         assemblies = {s["name"]: ShardAssembly(
             s, 1 if self.gpu else math.ceil(s["rows"] / PIECE_ROWS)) for s in shards}
-        results = iter(self._results(shards, assemblies).iter_rows())  # a generator
+        marker = self._place_marker() if WRITE_ON_WORKERS else None
         try:
-            n_tokens = self._collect(results, assemblies, commit, bar, timings, stop)
+            t = time.perf_counter()
+            dataset = self._results(shards, assemblies, marker)
+            timings["ray_ship_s"] = time.perf_counter() - t
+            results = iter(dataset.iter_rows())  # a generator
+            try:
+                n_tokens = self._collect(results, assemblies, commit, bar, timings, stop)
+            finally:
+                # The dataset's executor shut down now, not when garbage collected (a
+                # traceback may keep it alive): its actors and the CPUs it reserved go back
+                # at once.
+                results.close()
         finally:
-            # The dataset's executor shut down now, not when garbage collected (a traceback
-            # may keep it alive): its actors and the CPUs it reserved go back at once.
-            results.close()
-        timings["last_vectors_at_s"] = time.perf_counter() - timings["origin"]
+            if marker is not None:
+                (self.out_dir / marker).unlink(missing_ok=True)
+        # As the local engine counts them: from the first shard ready for a device to the
+        # last vectors back from one (before their write); ray_done_at_s: every shard
+        # committed.
+        timings["ray_done_at_s"] = time.perf_counter() - timings["origin"]
+        if self._moments:
+            timings["first_shard_at_s"] = round(min(self._moments["ready"]), 3)
+            timings["last_vectors_at_s"] = round(max(self._moments["vectors"]), 3)
+        else:
+            timings["last_vectors_at_s"] = timings["ray_done_at_s"]
         return n_tokens
 
     def _collect(self, results, assemblies: dict, commit, bar, timings: dict, stop) -> int:
@@ -334,34 +528,47 @@ class RayEngine:
 
     def _take(self, result: dict, assemblies: dict, writers, writing: dict, bar,
               timings: dict) -> int:
-        """Put a piece in its shard; hand the shard to a writer once whole; returns its
-        tokens (0 for a piece that was here already)."""
-        assembly = assemblies[result["shard"]]
-        rows = np.frombuffer(result["rows"], np.int64)
-        vectors = np.frombuffer(result["vectors"], self._piece_dtype()).reshape(
-            len(rows), self.encoder.dim)
-        if not assembly.add(int(result["piece"]), rows, vectors):
+        """Put a piece in its shard; hand the shard to a writer once whole (or take the
+        record of a shard its worker wrote); returns its tokens (0 for a piece that was here
+        already)."""
+        assembly = assemblies.get(result["shard"])
+        piece = int(result["piece"])
+        if assembly is None or not assembly.add(piece, result):
             return 0  # a retried piece, here already
-        assembly.passes = np.frombuffer(result["passes"], np.int64).tolist()
         if timings["models_ready_at_s"] is None:
             # When the first actor was ready (its clock: close enough on one cluster);
             # its first piece was ready for it then (the pieces are there from the start).
             now = time.perf_counter() - timings["origin"]
             ready = round(now - (time.time() - float(result["ready_at"])), 3)
             timings["models_ready_at_s"] = timings["first_shard_at_s"] = ready
-        self._tally(result, len(rows))
+        self._moments["ready"].append(float(result["tokens_ready_at"]) - self._wall_origin)
+        self._moments["vectors"].append(float(result["vectors_at"]) - self._wall_origin)
+        rows = assembly.rows if result["written"] else len(result["rows"]) // 8
+        self._tally(result, rows)
         timings["gpu_s"] += float(result["seconds"])
-        bar.update(len(rows))
+        bar.update(rows)
         if assembly.whole:
             name = assembly.record["name"]
-            writing[name] = writers.submit(self._write, assembly, timings)
+            if result["written"]:
+                done: Future = Future()
+                done.set_result({"rows": assembly.rows, "sha256": str(result["sha256"])})
+                writing[name] = done
+            else:
+                writing[name] = writers.submit(self._write, assembly, timings)
             del assemblies[name]
         return int(result["tokens"])
 
-    def _piece_dtype(self):
-        return DTYPES[self.dtype] if self.gpu else np.float32
+    def _place_marker(self) -> str:
+        """A file in INDEX/embeddings/ for this run, named and filled with a fresh random
+        name: an actor that finds it there sees this folder and writes whole shards itself."""
+        marker = f".ray-{uuid.uuid4().hex}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(".ray-*"):  # a killed driver's (the folder is ours)
+            stale.unlink(missing_ok=True)
+        (self.out_dir / marker).write_text(marker)
+        return marker
 
-    def _results(self, shards: list[dict], assemblies: dict):
+    def _results(self, shards: list[dict], assemblies: dict, marker: str | None):
         """The dataset of pieces, mapped by the actor pool (lazy: runs as it is iterated)."""
         import ray.data
 
@@ -381,7 +588,11 @@ class RayEngine:
         settings = WorkerSettings(self.encoder.sha256, random_spec, self.encoder.pooling,
                                   self.precision, self.dtype, self.batch_tokens, self.gpu,
                                   max(1, int(self.cpus_per_actor)),
-                                  GPU_CALLS if self.gpu else 1)
+                                  GPU_CALLS if self.gpu else 1,
+                                  width=self.encoder.model.config.n_embd,
+                                  model_path=None if random_spec else str(Path(spec).resolve()),
+                                  out_dir=str(self.out_dir.resolve()) if marker else None,
+                                  marker=marker)
         if self.gpu:
             resources = {"num_gpus": 1}
             pool = ray.data.ActorPoolStrategy(size=self.actors, enable_true_multi_threading=True,
@@ -402,6 +613,11 @@ class RayEngine:
         tally.rows += rows
         tally.tokens += int(result["tokens"])
         tally.seconds += float(result["seconds"])
+        tally.written += bool(result["written"])
+        tally.startup = json.loads(str(result["startup"]))
+        span = np.frombuffer(result["gpu_span"], np.float64)
+        if len(span):
+            tally.gpu_spans.append(tuple(span.tolist()))
 
     def _write(self, assembly: ShardAssembly, timings: dict) -> dict:
         """Write a whole shard as the local engine does: the same table, vectors cast to the
@@ -418,6 +634,13 @@ class RayEngine:
         return record
 
     def summary(self) -> list[dict]:
-        """What each worker did, busiest first."""
-        return sorted((t.as_dict(name) for name, t in self.workers.items()),
-                      key=lambda w: -w["rows"])
+        """What each worker did, busiest first; its start-up's moments (`*_at`, its wall
+        clock) in seconds since the stage began (`*_at_s`, close enough on one cluster)."""
+        workers = sorted((t.as_dict(name) for name, t in self.workers.items()),
+                         key=lambda w: -w["rows"])
+        for worker in workers:
+            worker["startup"] = {
+                (f"{k}_s" if k.endswith("_at") else k):
+                    (round(v - self._wall_origin, 3) if k.endswith("_at") and v else v)
+                for k, v in worker["startup"].items()}
+        return workers
