@@ -267,7 +267,7 @@ def build_index(
     index: IndexOption,
     index_key: Annotated[str | None, typer.Option(
         help="A FAISS factory string (e.g. Flat, HNSW32, IVF1024,Flat, "
-             "OPQ64,IVF65536_HNSW32,PQ64x8), optionally with ',Rescore(int8|fp16|fp32)' "
+             "IVF65536_HNSW32,PQ64x8), optionally with ',Rescore(int8|fp16|fp32)' "
              "(vectors on disk re-rank the candidates); binary codes: 'BFlat,Rescore(int8)'. "
              "Default: by size and --memory-budget.")] = None,
     target_recall: Annotated[float, typer.Option(

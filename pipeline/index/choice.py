@@ -7,9 +7,11 @@ measurements behind them are in docs/performance.md ("Index choice").
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import sys
 
 import faiss
 
@@ -118,8 +120,8 @@ def choose_index_key(n: int, dim: int, memory_bytes: int | None = None) -> str:
     - `IVF{nlist},Flat`, nlist as `ivf_lists`: float32 vectors in lists; all nprobe = exact.
     - `IVF{nlist},PQ{m}x8,Refine(SQfp16)`: PQ codes shortlist, float16 codes re-rank in RAM.
     - `IVF{nlist},SQ8`: one byte per dimension (of the residual to the list centroid).
-    - `OPQ{m},IVF{nlist},PQ{m}x8,Rescore(fp16)`: m bytes per vector in RAM (the most that fit,
-      m dividing dim, up to dim/4), float16 vectors on disk to re-rank the shortlist.
+    - `IVF{nlist},PQ{m}x8,Rescore(fp16)`: m bytes per vector in RAM (the most that fit, m
+      dividing dim, up to dim/4), float16 vectors on disk to re-rank the shortlist.
     """
     if n * dim <= FLAT_MAX_FLOATS:
         return "Flat"
@@ -130,13 +132,33 @@ def choose_index_key(n: int, dim: int, memory_bytes: int | None = None) -> str:
     tiers = [f"{ivf},Flat", f"{ivf},PQ{m}x8,Refine(SQfp16)", f"{ivf},SQ8"]
     if n <= HNSW_MAX_ROWS:
         tiers.insert(0, f"HNSW{HNSW_M}")
-    # PQ sizes down to ~48 dims per byte, past which the shortlist is too poor to rescore.
-    compressed = [f"OPQ{s},{ivf},PQ{s}x8,Rescore(fp16)" for s in range(m, 0, -1)
+    # PQ sizes down to ~48 dims per byte, past which the shortlist is too poor to rescore. No
+    # OPQ rotation in front, though autofaiss adds one: its training took 373 s on 65k x 384
+    # on 2 cores (the IVF-PQ itself 17 s), and with float16 rescoring it buys little recall.
+    compressed = [f"{ivf},PQ{s}x8,Rescore(fp16)" for s in range(m, 0, -1)
                   if dim % s == 0 and (s >= dim // 48 or s == m)]
     for key in tiers + compressed:
         if index_bytes(n, dim, key) <= memory_bytes // 2:
             return key
     return compressed[-1]
+
+
+@contextlib.contextmanager
+def quiet_faiss():
+    """Silence what FAISS's C++ prints on stdout and stderr meanwhile (the on-disk lists
+    report each resize and the file they map), which would land in a command's output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def faiss_reason(err: Exception) -> str:

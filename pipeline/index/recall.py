@@ -65,6 +65,11 @@ def _candidates(scores: np.ndarray, kb: int, scale: np.ndarray, dim: int) -> np.
     return np.argpartition(-scores, wanted - 1, axis=1)[:, :wanted]
 
 
+# Rows of a block scored against all queries at once: bounds the (queries x rows) score,
+# argpartition (int64) and mask temporaries, ~16 bytes per cell, to ~130 MB for 1,000 queries.
+SUB_BLOCK_ROWS = 8192
+
+
 def block_top_k(queries: np.ndarray, block: np.ndarray, first_row: int, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of one block of rows (global ids from `first_row`): (scores float64, ids),
@@ -72,6 +77,10 @@ def block_top_k(queries: np.ndarray, block: np.ndarray, first_row: int, k: int
     block's result depends only on the block, so blocks may be done anywhere (a Ray task)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     block = np.asarray(block, dtype=np.float32)
+    if len(block) > SUB_BLOCK_ROWS:
+        parts = (block_top_k(queries, block[lo:lo + SUB_BLOCK_ROWS], first_row + lo, k)
+                 for lo in range(0, len(block), SUB_BLOCK_ROWS))
+        return merge_top_k(parts, len(queries), min(k, len(block)))
     kb = min(k, len(block))
     if kb == 0:
         return np.zeros((len(queries), 0), np.float64), np.zeros((len(queries), 0), np.int64)

@@ -4,11 +4,9 @@ index.faiss has the sha256 index.json records."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 from pipeline.errors import IndexFolderError, IndexKeyError
 from pipeline.folder import INDEX_SIDE_PATTERNS, IndexFolder, check_shard
 from pipeline.hashing import file_sha256
-from pipeline.index.choice import apply_params, faiss_reason
+from pipeline.index.choice import apply_params, faiss_reason, quiet_faiss
 from pipeline.index.rescore import is_binary_key, split_key
 from pipeline.parquet import disk_full, is_disk_full
 
@@ -210,25 +208,11 @@ def read_index_file(path: Path, info: dict):
     if is_binary_key(split_key(info["key"])[0]):
         return faiss.read_index_binary(str(path))
     if "ivfdata" in info.get("side_files", {}):
-        with quiet_stderr():  # FAISS prints the file name it maps
+        with quiet_faiss():  # FAISS prints the file name it maps
             return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     if re.search(r"IVF\d", info["key"]):
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     return faiss.read_index(str(path))
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence what C++ code writes on file descriptor 2 meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def apply_index_params(index, params: dict) -> None:

@@ -37,6 +37,7 @@ from pipeline.index.choice import (
     apply_params,
     faiss_reason,
     make_index,
+    quiet_faiss,
     search_params_grid,
 )
 from pipeline.index.recall import RECALL_K, TIE_EPS, block_top_k, drop_self, merge_top_k
@@ -342,7 +343,8 @@ def merge_parts(index, part_files: list[str], ivfdata: Path) -> None:
     folder may move."""
     from faiss.contrib.ondisk import merge_ondisk
 
-    merge_ondisk(index, part_files, str(ivfdata))
+    with quiet_faiss():
+        merge_ondisk(index, part_files, str(ivfdata))
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     lists.filename = ivfdata.name
 
