@@ -152,19 +152,24 @@ def train(index, key: str, sample: np.ndarray, calibration: dict | None, seed: i
     if index.is_trained:
         return
     try:
-        if isinstance(index, faiss.IndexBinary):
-            index.train(rs.binary_codes(sample, calibration))
-            return
-        ivf = faiss.try_extract_index_ivf(index)
-        if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
-            faiss.downcast_index(ivf).do_polysemous_training = False  # as build.train_index
-        if ivf is not None and ivf.nlist >= TWO_LEVEL_LISTS:
-            train_two_level(index, sample, seed)
-        else:
-            index.train(sample)
+        with quiet_faiss():  # k-means warns of few points per centroid on small samples
+            train_quietly(index, sample, calibration, seed)
     except RuntimeError as err:
         raise IndexKeyError(f"cannot train {key!r} on {len(sample):,} vectors: "
                             f"{faiss_reason(err)}") from None
+
+
+def train_quietly(index, sample: np.ndarray, calibration: dict | None, seed: int) -> None:
+    if isinstance(index, faiss.IndexBinary):
+        index.train(rs.binary_codes(sample, calibration))
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        faiss.downcast_index(ivf).do_polysemous_training = False  # as build.train_index
+    if ivf is not None and ivf.nlist >= TWO_LEVEL_LISTS:
+        train_two_level(index, sample, seed)
+    else:
+        index.train(sample)
 
 
 def train_two_level(index, sample: np.ndarray, seed: int) -> None:
