@@ -111,6 +111,26 @@ def ship_files(paths: dict[str, Path]):
     return ray.put({name: Path(path).read_bytes() for name, path in paths.items()})
 
 
+def ship_files_later(paths: dict[str, Path]):
+    """As `ship_files`, but returns at once: a task on this machine (the driver's node)
+    reads the files into the object store while the caller gets on, so the actors start
+    without waiting for a model's weights that they may read where they are anyway. From a
+    Ray Client driver (this machine is no node of the cluster), `ship_files`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if ray.util.client.ray.is_connected():
+        return ship_files(paths)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reader = ray.remote(num_cpus=0, scheduling_strategy=here)(read_files)
+    return reader.remote({name: str(Path(path).resolve()) for name, path in paths.items()})
+
+
+def read_files(paths: dict[str, str]) -> dict[str, bytes]:
+    """The files' bytes by name (`ship_files_later`'s task)."""
+    return {name: Path(path).read_bytes() for name, path in paths.items()}
+
+
 def unpack_files(files: dict[str, bytes], prefix: str) -> Path:
     """Write shipped files into a new temp folder of this worker; returns the folder (it
     lives as long as the worker: Ray removes its session's temp files)."""

@@ -180,16 +180,20 @@ def test_ray_embed_equals_local_engine_byte_for_byte(cluster, tmp_path, tokenize
 def test_ray_embeds_whole_shards_as_the_local_engine(cluster, tmp_path, tokenized,
                                                      local_reference, monkeypatch, on_workers):
     """A shard in one piece (as on a GPU) is written by its actor where the actor sees the
-    folder, else its vectors go back to the driver: the local engine's bytes either way."""
+    folder, else its vectors go back to the driver: the local engine's bytes either way.
+    (Returned, the actors also load the model shipped through the object store instead of
+    the driver's folder.)"""
     monkeypatch.setattr(ray_engine, "PIECE_ROWS", 10**6)
     monkeypatch.setattr(ray_engine, "WRITE_ON_WORKERS", on_workers)
+    monkeypatch.setattr(ray_engine, "MODEL_FROM_PATH", on_workers)
     index = copy_folder(tokenized, tmp_path / "index")
     section = run_embed(index, ray=RayOptions(cluster, actors=2))
     assert_same_embeddings(index, local_reference)
     workers, n_shards = section["stats"]["workers"], len(section["shards"])
     assert sum(w["pieces"] for w in workers) == n_shards
     assert sum(w["shards_written"] for w in workers) == (n_shards if on_workers else 0)
-    assert all(w["startup"]["model_from"] == "path" for w in workers)
+    assert all(w["startup"]["model_from"] == ("path" if on_workers else "object store")
+               for w in workers)
     assert not list((index / "embeddings").glob(".ray-*"))  # the run's marker is gone
 
 

@@ -2,16 +2,21 @@
 
 The work is a dataset of *pieces*, one row each: a token shard's name, where a worker reads
 it, and which part of it to embed. An actor pool (`map_batches` with `EmbedPieces`, a
-callable class that loads the model once per actor) turns each piece into its rows' vectors,
-and the driver, this process, puts each shard's vectors together, writes the shard exactly as
-the local engine does and only then commits it to the manifest (stage.py). So:
+callable class that loads the model once per actor) turns each piece into its rows' vectors.
+A whole shard (every GPU piece) is written by its actor where the actor sees the driver's
+folder (one machine, a shared filesystem: the run's marker file is there), exactly as the
+local engine writes it, block by block as the GPU finishes them; elsewhere, and for a CPU
+piece of a shard, the vectors go back to the driver, this process, which puts each shard
+together and writes it the same way. Only the driver commits a shard to the manifest
+(stage.py), once its file is written. So:
 
 - the output is byte for byte the local engine's: a CPU piece is a run of the very
   batches the local engine forms for that shard (`plan_batches`, length-sorted within the
   token budget), and a batch's vectors do not depend on which process or how many threads
   computed them (tested); pieces of ~PIECE_ROWS rows keep every actor busy to the end even
   when a corpus has fewer shards than actors. A GPU piece is a whole shard (the packed path
-  plans its passes over the shard), written in the local engine's blocks (`local_blocks`);
+  plans its passes over the shard), written in the local engine's blocks (`local_blocks`, or
+  the local engine's own `parts(WRITE_ROWS)` in the actor);
 - Ray Data's defaults (rows reordered, files named at random) never touch the output: rows
   go back by index into their shard, the driver names the file, and a piece that arrives twice
   (a task retried after its actor died) is taken once;
@@ -19,7 +24,9 @@ the local engine does and only then commits it to the manifest (stage.py). So:
   (Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1); a killed driver
   costs the shards not yet committed, which the rerun redoes, as with the local engine.
 
-The workers get the model's files and the ranks file through the object store
+The workers load the model from the driver's checkpoint folder where they see it with the
+same weights, else from the copy a task on the driver's node puts in the object store
+(ray_cluster.ship_files_later); they get the ranks file through the object store
 (ray_cluster.ship_files), and read token shards where they are (ray_cluster.read_bytes),
 checking each one's sha256 against the manifest before using it.
 """
@@ -60,10 +67,16 @@ PIECE_ROWS = 1024
 # Driver threads writing finished shards, so that the driver keeps taking pieces while a
 # shard is written (Parquet and its sha256 take ~0.5 s for 50k x 768 vectors).
 WRITERS = 2
-GPU_CALLS = 2  # calls a GPU actor runs at a time: one on the GPU, the next being queued
+# Calls a GPU actor runs at a time: one queueing its shard on the GPU, the next planned and
+# waiting, the one before writing its last block (3: no GPU idle between shards, 2: 0.2 s
+# of 9.7 on the H200 bench; docs/performance.md).
+GPU_CALLS = 3
 # Whether an actor that sees the driver's folder writes whole shards itself (tests turn it
 # off to check the other way, the vectors through the object store).
 WRITE_ON_WORKERS = True
+# Whether an actor that sees the driver's checkpoint folder loads it from there (tests turn
+# it off to check the shipped copy).
+MODEL_FROM_PATH = True
 MODEL_FILES = "model"  # prefixes of the workers' temp folders
 IMPORTED_AT = time.time()  # in an actor's process: soon after it started (its startup times)
 RANKS_FILES = "ranks"
@@ -297,9 +310,9 @@ class EmbedPieces:
 
     def _embed_shard(self, shard: str, table, values, offsets, moments: dict):
         """(vectors or None, pass ends, record or None, GPU span) of a whole shard, computed
-        as the local engine does: on a GPU, packed passes (each ending at a row), two calls
-        at a time (GPU_CALLS): one plans and queues its shard while the other's is on the
-        GPU, queueing one at a time, the waiting not. Written here when this actor sees the
+        as the local engine does: on a GPU, packed passes (each ending at a row), several
+        calls at a time (GPU_CALLS): one plans while another queues its shard on the GPU and
+        another writes, queueing one at a time, the rest not. Written here when this actor sees the
         folder (`record`: the file's rows and sha256), else the vectors in row order."""
         s = self.settings
         plan = self._plan(values, offsets) if self.encoder.packs else None
@@ -572,7 +585,7 @@ class RayEngine:
         """The dataset of pieces, mapped by the actor pool (lazy: runs as it is iterated)."""
         import ray.data
 
-        from pipeline.ray_cluster import ship_files
+        from pipeline.ray_cluster import ship_files, ship_files_later
 
         items = [{"shard": s["name"], "piece": k, "pieces": assemblies[s["name"]].pieces,
                   "location": f"{self.tokens_location}/{s['name']}", "sha256": s["sha256"]}
@@ -581,7 +594,9 @@ class RayEngine:
         random_spec = spec if spec.startswith("random:") else None
         # In a list: Ray Data would otherwise hand the actors the value, fetched on the
         # driver first; a reference inside a list travels as a reference.
-        model_files = None if random_spec else [ship_files(
+        # Shipped by a task, in the background: an actor that sees the driver's folder
+        # loads it from there and never waits for these (ray_cluster.ship_files_later).
+        model_files = None if random_spec else [ship_files_later(
             {p.name: p for p in Path(spec).iterdir() if p.is_file()})]
         ranks = find_ranks_file()
         ranks_files = [ship_files({RANKS_FILENAME: ranks})] if ranks else None
@@ -590,7 +605,8 @@ class RayEngine:
                                   max(1, int(self.cpus_per_actor)),
                                   GPU_CALLS if self.gpu else 1,
                                   width=self.encoder.model.config.n_embd,
-                                  model_path=None if random_spec else str(Path(spec).resolve()),
+                                  model_path=(str(Path(spec).resolve())
+                                              if MODEL_FROM_PATH and not random_spec else None),
                                   out_dir=str(self.out_dir.resolve()) if marker else None,
                                   marker=marker)
         if self.gpu:
