@@ -79,6 +79,9 @@ def manifest_problem(manifest) -> str | None:
     shards = tokenize.get("shards")
     if not isinstance(shards, list) or not all(_is_record(s, TOKEN_RECORD) for s in shards):
         return "tokenize.shards is not a list of shard records"
+    deleted = tokenize.get("deleted_rows", [])
+    if not isinstance(deleted, list) or not all(isinstance(r, int) for r in deleted):
+        return "tokenize.deleted_rows is not a list of rows"
     settings = tokenize.get("settings")
     if not isinstance(settings, dict) or not isinstance(settings.get("max_tokens"), int):
         return "tokenize.settings.max_tokens is missing"
@@ -248,6 +251,12 @@ class IndexFolder:
         return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
     # -- vectors and rows --------------------------------------------------------------------
+    @property
+    def deleted_rows(self) -> np.ndarray:
+        """Rows of documents deleted or changed since they were tokenized (text/update.py):
+        still in the shards and the index, never returned by search."""
+        return np.asarray(self.manifest["tokenize"].get("deleted_rows", []), np.int64)
+
     def embedding_dim(self) -> int:
         """Vector dims from the first embedding shard's schema, without reading its data."""
         self.require_embeddings()

@@ -110,6 +110,7 @@ class Searcher:
             # Documents cut into several windows (rows): only then are hits merged by doc_id.
             stats = self.folder.manifest["tokenize"].get("stats", {})
             self.split_documents = stats.get("split_documents", 1) != 0
+            self.deleted = self.folder.deleted_rows
 
     @contextlib.contextmanager
     def consistent(self):
@@ -157,21 +158,26 @@ class Searcher:
                 for m in merged]
 
     def nearest_documents(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """(row, score) of the best window of each of the k nearest documents, per query."""
+        """(row, score) of the best window of each of the k nearest documents, per query;
+        rows of deleted documents (IndexFolder.deleted_rows) are never among them."""
         n = self.index.ntotal
-        # Windows of one document may fill the first k slots: ask for more until k documents.
-        fetch = min(n, 4 * k)
+        # Windows of one document may fill the first k slots, and deleted rows are dropped:
+        # ask for more until k documents.
+        fetch = min(n, 4 * k if self.split_documents or len(self.deleted) else k)
         while True:
             scores, rows = self.index.search(vectors, fetch)
+            if len(self.deleted):
+                rows = np.where(np.isin(rows, self.deleted), -1, rows)
             if not self.split_documents:  # each row is a document of its own: no merging
-                return [[(int(r), float(x)) for r, x in zip(rows[q], scores[q], strict=True)
-                         if r >= 0][:k] for q in range(len(vectors))]
-            found = sorted({int(x) for x in rows.ravel() if x >= 0})
-            doc_of = {row: r["doc_id"] for row, r in
-                      zip(found, self.folder.read_rows(found, ("doc_id",)), strict=True)}
-            merged = [merge_chunk_hits(rows[q], scores[q],
-                                       [doc_of.get(int(x), "") for x in rows[q]], k)
-                      for q in range(len(vectors))]
+                merged = [[(int(r), float(x)) for r, x in zip(rows[q], scores[q], strict=True)
+                           if r >= 0][:k] for q in range(len(vectors))]
+            else:
+                found = sorted({int(x) for x in rows.ravel() if x >= 0})
+                doc_of = {row: r["doc_id"] for row, r in
+                          zip(found, self.folder.read_rows(found, ("doc_id",)), strict=True)}
+                merged = [merge_chunk_hits(rows[q], scores[q],
+                                           [doc_of.get(int(x), "") for x in rows[q]], k)
+                          for q in range(len(vectors))]
             if fetch >= n or all(len(m) == k for m in merged):
                 return merged
             fetch = min(n, fetch * 4)

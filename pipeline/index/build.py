@@ -126,12 +126,12 @@ def train_index(index: faiss.Index, key: str, vectors: np.ndarray, seed: int,
 
 
 def add_vectors(index: faiss.Index, key: str, vectors: np.ndarray, report: Progress) -> None:
-    n = len(vectors)
+    n, before = len(vectors), index.ntotal
     for lo in range(0, n, ADD_BLOCK_ROWS):
         report(f"adding vectors to {key}: {lo:,}/{n:,}")
         index.add(vectors[lo:lo + ADD_BLOCK_ROWS])
-    if index.ntotal != n:
-        raise RuntimeError(f"index holds {index.ntotal} vectors after adding {n}")
+    if index.ntotal != before + n:
+        raise RuntimeError(f"index holds {index.ntotal} vectors after adding {n} to {before}")
 
 
 def tune(index: faiss.Index, key: str, vectors: np.ndarray, k: int, target_recall: float,
@@ -224,7 +224,10 @@ def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
         make_index(dim, key)  # a bad key fails before the vectors are read
         check_embedding_shards(folder)
         store.remove_stale_side_files(folder, keep=kept_side_files(folder))
-        if ray is not None or needs_streaming(n, dim, key, budget):
+        previous = None if force else updatable(folder, settings, key)
+        if previous is not None and not needs_streaming(n, dim, key, budget):
+            info = update_in_memory(folder, previous, key, target_recall, settings, progress)
+        elif ray is not None or needs_streaming(n, dim, key, budget):
             built = build_streamed_folder(folder, key, budget, target_recall, ray, progress)
             side = {role: path for role, path in (("ivfdata", built.ivfdata),
                                                   ("rescore", built.rescore_path)) if path}
@@ -239,10 +242,68 @@ def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
             del vectors
             info = store.write_index(folder, index, {**info, "build": "in-memory",
                                                      "memory_budget": int(budget),
+                                                     "trained_on_rows": n,
                                                      "settings": settings})
     if console is not None:
         console.print(summary_line(info, folder.index_file), highlight=False)
     return info
+
+
+def updatable(folder: IndexFolder, settings: dict, key: str) -> dict | None:
+    """index.json, if its index can take the folder's new rows instead of being rebuilt: built
+    in memory with these settings and key, by this embed identity, from embedding shards that
+    are the first ones of today's, unchanged (rows were only appended: text/update.py), and
+    index.faiss is the file it records."""
+    try:
+        old = store.read_index_info(folder)
+    except IndexFolderError:
+        return None
+    shards = store.embedding_shards(folder)
+    recorded = old.get("embedding_shards")
+    if (old.get("format_version") != store.INDEX_FORMAT_VERSION or old.get("key") != key
+            or old.get("settings") != settings or old.get("build") != "in-memory"
+            or old.get("embed_identity") != folder.identity or not recorded
+            or len(recorded) >= len(shards) or shards[:len(recorded)] != recorded):
+        return None
+    record = old.get("index_file") or {}
+    if store.file_sha256(folder.index_file) != record.get("sha256"):
+        return None
+    return old
+
+
+def update_in_memory(folder: IndexFolder, previous: dict, key: str, target_recall: float,
+                     settings: dict, progress: Progress) -> dict:
+    """Add the rows appended since `previous` was built to its trained index (row r is still
+    FAISS id r), tune again on all vectors and write it. Training is kept: past twice the rows
+    it was trained on, the summary says a retrain is due (`build-index --force`)."""
+    seconds: dict[str, float] = {}
+    with timed("load", seconds):
+        index = faiss.read_index(str(folder.index_file))  # not mapped: it grows
+        vectors = folder.load_vectors()
+    old_n, n = previous["n"], len(vectors)
+    with timed("add", seconds):
+        add_vectors(index, key, vectors[old_n:], progress)
+    if index.ntotal != n:
+        raise IndexFolderError(f"{folder.index_file} holds {index.ntotal} rows after the "
+                               f"update, the embeddings {n}: {store.rebuild_hint(folder)}")
+    with timed("tune", seconds):
+        k = min(RECALL_K, n - 1)
+        params, recall, tuning, queries = tune(index, key, vectors, k, target_recall,
+                                               previous.get("n_queries") or 1000,
+                                               previous.get("seed", 0), progress)
+    trained_on = previous.get("trained_on_rows", old_n)
+    info = {**{k_: v for k_, v in previous.items()
+               if k_ not in ("format_version", "index_file", "side_files", "memory",
+                             "embedding_shards", "embed_identity", "embeddings")},
+            "params": params, "n": int(n), "recall_k": k,
+            "recall": None if recall is None else round(recall, 4), "n_queries": queries,
+            "target_met": None if recall is None else recall >= target_recall,
+            "tuning": tuning, "seconds": seconds, "trained_on_rows": trained_on,
+            "update": {"added_rows": int(n - old_n), "previous_rows": int(old_n),
+                       "retrain_due": bool(n > 2 * trained_on and index.is_trained
+                                           and previous.get("train_rows", 0) > 0)},
+            "settings": settings}
+    return store.write_index(folder, index, info)
 
 
 def kept_side_files(folder: IndexFolder) -> set[str]:
@@ -296,6 +357,12 @@ def summary_line(info: dict, index_path: Path) -> str:
             f"({memory['compression']:.1f}x under float32)") if memory else ""
     if memory.get("rescore_bytes"):
         held += f" + {human_bytes(memory['rescore_bytes'])} rescore file on disk"
+    update = info.get("update")
+    if update:
+        held += f"; added {update['added_rows']:,} rows to the {update['previous_rows']:,} built"
+        if update["retrain_due"]:
+            held += (f" (retrain due: {info['n'] / info['trained_on_rows']:.1f}x the rows it "
+                     f"was trained on; build-index --force)")
     return (f"index: {info['key']} over {info['n']:,} x {info['dim']}, {params}, "
             f"recall@{info['recall_k']} {info['recall']} (target "
             f"{info['settings']['target_recall']}){met}{held} in "

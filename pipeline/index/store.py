@@ -35,6 +35,13 @@ def source(folder: IndexFolder) -> dict:
             "embeddings": {"rows": folder.rows, "sha256": folder.embeddings_fingerprint()}}
 
 
+def embedding_shards(folder: IndexFolder) -> list[list]:
+    """[name, rows, sha256] of each embedding shard, in row order: what an update compares."""
+    done = folder.embed.get("shards", {})
+    return [[s["name"], done.get(s["name"], {}).get("rows"), done.get(s["name"], {}).get("sha256")]
+            for s in folder.token_shards]
+
+
 def current_info(folder: IndexFolder, settings: dict) -> dict | None:
     """index.json if the index there was built from the current embeddings with `settings`,
     and index.faiss is the file it records (a damaged one is rebuilt, not kept)."""
@@ -79,6 +86,7 @@ def write_index(folder: IndexFolder, index, info: dict,
         for path in side_files.values():
             fsync_file(path)
         info = {"format_version": INDEX_FORMAT_VERSION, **info, **source(folder),
+                "embedding_shards": embedding_shards(folder),
                 "index_file": {"name": folder.index_file.name,
                                "bytes": index_tmp.stat().st_size,
                                "sha256": file_sha256(index_tmp)},

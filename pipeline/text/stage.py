@@ -113,14 +113,20 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         source = None
+        update = not force and can_update(folder, section)
         try:
             if ray is not None:
                 from pipeline.text.ray_tokenize import RayTokenizer
 
                 source = RayTokenizer(ray, files, root, settings, ray_actors)
             shards, stats, counts, seconds = write_token_shards(
-                files, root, work, settings, progress, on_shard=on_shard,
+                files, root, work, settings, progress, on_shard=None if update else on_shard,
                 source=source and source.batches)
+            if update:
+                result = append_changes(folder, work, shards, section, settings, on_shard,
+                                        tokenize_stats(stats, counts, seconds))
+                if result is not None:
+                    return result
         except BaseException:
             # Nothing half-written survives: the previous tokens (if any) stay as they were.
             shutil.rmtree(work, ignore_errors=True)
@@ -133,6 +139,48 @@ def run_tokenize(corpus: str | Path, index_dir: str | Path, settings: TokenizeSe
         if source is not None:
             result["stats"].update(source.summary())
         folder.write_manifest({"format_version": FORMAT_VERSION, "tokenize": result})
+    return result
+
+
+def can_update(folder: IndexFolder, section: dict) -> bool:
+    """Whether the folder's tokens were made with these settings and tokenizer (the corpus
+    differs): then only what changed is added (text/update.py)."""
+    if not folder.exists() or "tokenize" not in folder.manifest:
+        return False
+    old = folder.manifest["tokenize"]
+    return all(old.get(k) == section[k] for k in ("settings", "tokenizer")) and all(
+        (folder.tokens_dir / s["name"]).is_file() for s in old["shards"])
+
+
+def append_changes(folder: IndexFolder, work: Path, shards: list[dict], section: dict,
+                   settings: TokenizeSettings, on_shard, stats: dict) -> dict | None:
+    """The corpus tokenized afresh in `work`, compared with the folder's rows by document:
+    new and changed documents' rows appended as new shards, deleted and changed ones' old
+    rows listed in `deleted_rows`; the embeddings of the old rows stay. Returns the new
+    tokenize section, or None when too much changed (the caller replaces all tokens)."""
+    from pipeline.text import update
+
+    old = folder.manifest["tokenize"]
+    deleted = set(old.get("deleted_rows", []))
+    old_docs = update.documents(update.read_shards(folder.tokens_dir, old["shards"]), deleted)
+    change = update.compare(old_docs, update.documents(update.read_shards(work, shards), set()))
+    if update.too_stale(len(old_docs), change):
+        log.info("most documents changed: tokenizing %s afresh", folder.path)
+        return None
+    writer = ShardWriter(folder.tokens_dir, settings, on_shard, first_row=folder.rows,
+                         first_shard=len(old["shards"]))
+    for table in update.kept_tables(work, shards, change["keep"]):
+        writer.add(table)
+    writer.close()
+    shutil.rmtree(work, ignore_errors=True)
+    result = {**section, "shards": old["shards"] + writer.shards,
+              "deleted_rows": sorted(deleted | set(change["delete"])),
+              "stats": {**stats, "rows": folder.rows + writer.rows,
+                        "update": {"documents": change["documents"], "new_rows": writer.rows,
+                                   "deleted_rows": len(change["delete"])}},
+              "versions": versions()}
+    folder.manifest["tokenize"] = result  # the embed section stays: its shards are still good
+    folder.write_manifest()
     return result
 
 
@@ -192,8 +240,12 @@ class ShardWriter:
     """Collects token rows and writes them under `work` as shards of `shard_rows(settings,
     n)` rows, renumbering rows globally; `on_shard(record, table)` sees each one written."""
 
-    def __init__(self, work: Path, settings: TokenizeSettings, on_shard=None):
+    def __init__(self, work: Path, settings: TokenizeSettings, on_shard=None,
+                 first_row: int = 0, first_shard: int = 0):
+        """`first_row`, `first_shard`: where the rows and shard names start (an update
+        appends after a folder's own)."""
         self.work, self.settings, self.on_shard = work, settings, on_shard
+        self.first_row, self.first_shard = first_row, first_shard
         self.shards: list[dict] = []
         self.rows = 0  # rows added so far
         self._pending: list[pa.Table] = []
@@ -203,12 +255,15 @@ class ShardWriter:
         self._pending.append(table)
         self._n_pending += table.num_rows
         self.rows += table.num_rows
-        while self._n_pending >= (next_rows := shard_rows(self.settings, len(self.shards))):
+        while self._n_pending >= (next_rows := shard_rows(self.settings, self._number())):
             self._write(next_rows)
 
     def close(self) -> None:
         if self._n_pending:
             self._write(self._n_pending)
+
+    def _number(self) -> int:
+        return self.first_shard + len(self.shards)
 
     def _write(self, upto: int) -> None:
         """Write the first `upto` pending rows as the next shard."""
@@ -216,9 +271,9 @@ class ShardWriter:
         # One chunk per column: how rows were batched must not show in the file (Parquet's
         # dictionary pages follow the chunks), so any engine's shards are byte-identical.
         shard, rest = table.slice(0, upto).combine_chunks(), table.slice(upto)
-        first = self.rows - self._n_pending
+        first = self.first_row + self.rows - self._n_pending
         shard = shard.set_column(0, "row", numpy_to_arrow(np.arange(first, first + upto)))
-        name = shard_name(len(self.shards))
+        name = shard_name(self._number())
         # Small row groups let search read the few rows it shows without the whole shard.
         path = atomic_write_table(shard, self.work / name, row_group_size=4096)
         self.shards.append({"name": name, "first_row": first, "rows": upto,
