@@ -31,9 +31,11 @@ EMBEDDINGS_DIR = "embeddings"
 INDEX_FILE = "index.faiss"
 INFO_FILE = "index.json"
 # Files beside index.faiss, named per build (index.<build>.ivfdata: the on-disk IVF lists of a
-# streamed build; .rescore: vectors to re-rank with; .parts: a build's work in progress), so
+# streamed build; .rescore: vectors to re-rank with; .trained: its trained empty index, which
+# an update adds to; .parts: a build's work in progress), so
 # that an index.json never meets another build's.
-INDEX_SIDE_PATTERNS = ("index.*.ivfdata", "index.*.rescore", "index.*.parts")
+INDEX_SIDE_PATTERNS = ("index.*.ivfdata", "index.*.rescore", "index.*.trained",
+                       "index.*.parts")
 
 # What must agree for two sets of vectors to share one index: the weights, how tokens are
 # pooled, how they attend, and the width. (The spec string may differ: a path moves.)

@@ -154,7 +154,8 @@ def test_a_failed_streamed_build_keeps_the_previous_index(folder_6k, monkeypatch
     with pytest.raises(OSError):
         build.run_build_index(path, index_key="IVF32,Flat", memory_budget=TINY_BUDGET)
     names = sorted(p.name for p in path.iterdir() if p.name.startswith("index."))
-    assert names == sorted(["index.faiss", "index.json", first["side_files"]["ivfdata"]["name"]])
+    assert names == sorted(["index.faiss", "index.json",
+                            *(r["name"] for r in first["side_files"].values())])
     searchable, info = store.load_search_index(path)
     assert info["key"] == "IVF16,Flat" and searchable.ntotal == len(x)
 
@@ -219,3 +220,52 @@ def test_index_json_records_memory_and_the_summary_shows_it(folder_6k):
     assert "x under float32" in result.stderr and "rescore file on disk" in result.stderr
     assert info["memory"]["float32_bytes"] == 6_000 * 32 * 4
     assert info["memory"]["build_peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("key", ["IVF16,Flat", "BFlat,Rescore(int8)",
+                                 "IVF16,PQ8x8,Rescore(fp16)"])
+def test_an_update_adds_new_shards_to_a_streamed_build(tmp_path, key, monkeypatch):
+    """Rows appended (new shards after the same old ones): the trained index takes them, the
+    old side files go, and search covers every row."""
+    x = clustered_unit_vectors(6_000, 32, clusters=40, seed=3)
+    path = tmp_path / "idx"
+    monkeypatch.setattr(build, "needs_streaming", lambda *args: True)
+    write_embedded_folder(path, x[:4_000], shard_rows=1_000)
+    first = build.run_build_index(path, index_key=key, target_recall=0.9)
+    old_names = {r["name"] for r in first["side_files"].values()}
+    write_embedded_folder(path, x, shard_rows=1_000)  # the same 4 shards, and 2 more
+    info = build.run_build_index(path, index_key=key, target_recall=0.9)
+    assert info["update"] == {"added_rows": 2_000, "previous_rows": 4_000,
+                              "retrain_due": False}
+    assert info["n"] == 6_000 and info["train_rows"] == first["train_rows"]
+    assert info.get("calibration") == first.get("calibration")  # codecs kept, not refit
+    names = {p.name for p in path.iterdir() if p.name.startswith("index.")}
+    assert not old_names & names
+    searchable, _ = store.load_search_index(path)
+    assert searchable.ntotal == 6_000
+    assert held_out_recall(searchable, x) >= info["recall"] - 0.03
+    if key == "IVF16,Flat":  # every list probed: exact over old and new rows alike
+        searchable.set_params({"nprobe": 16})
+        _, found = searchable.search(x[3_900:4_100], 10)
+        np.testing.assert_array_equal(found, brute_force(x, x[3_900:4_100], 10)[1])
+    write_embedded_folder(path, np.concatenate([x, x[:7_000]]), shard_rows=1_000)
+    assert build.run_build_index(path, index_key=key, target_recall=0.9)["update"][
+        "retrain_due"] == (key != "BFlat,Rescore(int8)")  # BFlat has no training
+
+
+def test_an_update_of_an_in_memory_index_matches_a_rebuild(tmp_path):
+    x = clustered_unit_vectors(6_000, 32, clusters=40, seed=3)
+    path, fresh = tmp_path / "idx", tmp_path / "fresh"
+    write_embedded_folder(path, x[:5_000], shard_rows=1_000)
+    build.run_build_index(path)
+    write_embedded_folder(path, x, shard_rows=1_000)
+    info = build.run_build_index(path)
+    assert info["update"]["added_rows"] == 1_000 and info["key"] == "Flat"
+    write_embedded_folder(fresh, x, shard_rows=1_000)
+    build.run_build_index(fresh)
+    a, _ = store.load_search_index(path)
+    b, _ = store.load_search_index(fresh)
+    sa, ia = a.search(x[::13], 10)
+    sb, ib = b.search(x[::13], 10)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(sa, sb)

@@ -225,14 +225,15 @@ def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
         check_embedding_shards(folder)
         store.remove_stale_side_files(folder, keep=kept_side_files(folder))
         previous = None if force else updatable(folder, settings, key)
-        if previous is not None and not needs_streaming(n, dim, key, budget):
+        if previous is not None and previous["build"] == "in-memory" and \
+                not needs_streaming(n, dim, key, budget):
             info = update_in_memory(folder, previous, key, target_recall, settings, progress)
+        elif previous is not None and previous["build"] == "streamed":
+            built = update_streamed_folder(folder, previous, target_recall, ray, progress)
+            info = write_streamed(folder, built, settings)
         elif ray is not None or needs_streaming(n, dim, key, budget):
             built = build_streamed_folder(folder, key, budget, target_recall, ray, progress)
-            side = {role: path for role, path in (("ivfdata", built.ivfdata),
-                                                  ("rescore", built.rescore_path)) if path}
-            info = store.write_index(folder, built.index, {**built.info, "settings": settings},
-                                     side)
+            info = write_streamed(folder, built, settings)
         else:
             vectors = folder.load_vectors()
             if len(vectors) != n:
@@ -261,7 +262,8 @@ def updatable(folder: IndexFolder, settings: dict, key: str) -> dict | None:
     shards = store.embedding_shards(folder)
     recorded = old.get("embedding_shards")
     if (old.get("format_version") != store.INDEX_FORMAT_VERSION or old.get("key") != key
-            or old.get("settings") != settings or old.get("build") != "in-memory"
+            or old.get("settings") != settings
+            or old.get("build") not in ("in-memory", "streamed")
             or old.get("embed_identity") != folder.identity or not recorded
             or len(recorded) >= len(shards) or shards[:len(recorded)] != recorded):
         return None
@@ -304,6 +306,36 @@ def update_in_memory(folder: IndexFolder, previous: dict, key: str, target_recal
                                            and previous.get("train_rows", 0) > 0)},
             "settings": settings}
     return store.write_index(folder, index, info)
+
+
+def write_streamed(folder: IndexFolder, built: streamed.StreamedBuild, settings: dict) -> dict:
+    side = {role: path for role, path in (("ivfdata", built.ivfdata),
+                                          ("rescore", built.rescore_path),
+                                          ("trained", built.trained_path)) if path}
+    return store.write_index(folder, built.index, {**built.info, "settings": settings}, side)
+
+
+def update_streamed_folder(folder: IndexFolder, previous: dict, target_recall: float,
+                           ray: str | None, progress: Progress) -> streamed.StreamedBuild:
+    """A streamed build's update (streamed.update_streamed) from the folder's files."""
+    index = store.read_index_file(folder.index_file, previous)
+    side = previous.get("side_files", {})
+    trained = (folder.path / side["trained"]["name"]).read_bytes() if "trained" in side \
+        else None
+    if "ivfdata" in side and trained is None:
+        raise IndexFolderError(f"{folder.info_file} records no trained index to add to: "
+                               f"{store.rebuild_hint(folder)}")
+    _, rescore = split_key(previous["key"])
+    old = streamed.StreamedBuild(index, previous, None,
+                                 folder.path / side["rescore"]["name"] if rescore else None)
+    map_shards = None
+    if ray is not None:
+        from pipeline.index.ray_build import ray_shard_mapper
+
+        map_shards = ray_shard_mapper(folder, ray, progress)
+    return streamed.update_streamed(FolderSource(folder), old, trained, folder.path,
+                                    target_recall=target_recall, progress=progress,
+                                    map_shards=map_shards)
 
 
 def kept_side_files(folder: IndexFolder) -> set[str]:

@@ -18,6 +18,7 @@ Memory: the index being built (for IVF only its quantizer, the lists go to disk)
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -211,6 +212,7 @@ class StreamedBuild:
     info: dict
     ivfdata: Path | None          # the merged on-disk lists
     rescore_path: Path | None
+    trained_path: Path | None = None  # IVF: the trained empty index, for updates
 
 
 def build_streamed(source: VectorSource, key: str, out_dir: Path, *, memory_budget: int,
@@ -250,59 +252,134 @@ def build_streamed(source: VectorSource, key: str, out_dir: Path, *, memory_budg
     del sample
     seconds["train"] = round(time.perf_counter() - start, 3)
 
-    start = time.perf_counter()
     ivf = is_ivf(index)
     plan = Plan(key, dim, queries, truth_k, rescore, calibration,
                 faiss.serialize_index(index).tobytes() if ivf else None,
                 in_memory=not (ivf or binary))
+    built = add_and_tune(index, plan, source, query_rows, out_dir, build_id, target_recall,
+                         report, map_shards, seconds)
+    built.info.update({"seed": seed, "train_rows": trained_rows, "trained_on_rows": int(n),
+                       "memory_budget": int(memory_budget)})
+    if ivf:  # kept so that an update can add parts to the same trained index
+        built.trained_path = out_dir / f"index.{build_id}.trained"
+        built.trained_path.write_bytes(plan.trained)
+    return built
+
+
+def add_and_tune(index, plan: Plan, source: VectorSource, query_rows: np.ndarray,
+                 out_dir: Path, build_id: str, target_recall: float, report: Progress,
+                 map_shards, seconds: dict, start_row: int = 0, base=None,
+                 old_truth: Iterable = ()) -> StreamedBuild:
+    """The second pass (shard_work over the shards from `start_row` on), the merge, and the
+    tuning; `base`: an update's previous index (its on-disk lists go first in the merge, its
+    rescore file is copied and extended), `old_truth`: the queries' exact top-k over the rows
+    before `start_row`."""
+    start = time.perf_counter()
+    n, key, rescore = source.n, plan.key, plan.rescore
+    ivf = plan.trained is not None
     parts_dir = out_dir / f"index.{build_id}.parts"
     ivfdata = out_dir / f"index.{build_id}.ivfdata" if ivf else None
     rescore_path = out_dir / f"index.{build_id}.rescore" if rescore else None
+    if base is not None and rescore_path is not None:
+        shutil.copyfile(base.rescore_path, rescore_path)
     run = map_shards or (lambda p, shards: (shard_work(p, first, v) for first, v in shards))
+    shards = ((first, v) for first, v in source.shards() if first >= start_row)
+    target = faiss.deserialize_index(np.frombuffer(plan.trained, np.uint8)) \
+        if base is not None and ivf else index
     try:
-        truth_parts = add_shards(index, plan, run(plan, source.shards()), n, parts_dir,
-                                 ivfdata, rescore_path, report)
+        truth_parts = list(old_truth) + add_shards(
+            target, plan, run(plan, shards), n, parts_dir, ivfdata, rescore_path, report,
+            start_row=start_row,
+            base_lists=faiss.extract_index_ivf(index).invlists if base is not None and ivf
+            else None)
     except BaseException:
         for path in (ivfdata, rescore_path):
             if path is not None:
                 path.unlink(missing_ok=True)
         raise
+    index = target
     seconds["add"] = round(time.perf_counter() - start, 3)
 
     start = time.perf_counter()
-    truth_scores, truth_ids = without_own_row(*merge_top_k(truth_parts, len(queries), truth_k),
-                                              query_rows)
-    searchable = SearchIndex(index, rescore_store(rescore_path, rescore, calibration, dim),
-                             calibration)
+    k = min(RECALL_K, n - 1)
+    queries = plan.queries
+    truth_scores, truth_ids = without_own_row(
+        *merge_top_k(truth_parts, len(queries), plan.truth_k), query_rows)
+    searchable = SearchIndex(index, rescore_store(rescore_path, rescore, plan.calibration,
+                                                  plan.dim), plan.calibration)
     params, recall, tuning = tune(searchable, key, queries, query_rows, truth_ids,
                                   truth_scores, k, target_recall, report)
     seconds["tune"] = round(time.perf_counter() - start, 3)
     searchable.close()
     target_met = None if recall is None else recall >= target_recall
     info = {
-        "key": key, "params": params, "n": int(n), "dim": int(dim), "metric": "inner_product",
-        "recall_k": k, "recall": None if recall is None else round(recall, 4),
+        "key": key, "params": params, "n": int(n), "dim": int(plan.dim),
+        "metric": "inner_product", "recall_k": k,
+        "recall": None if recall is None else round(recall, 4),
         "n_queries": len(query_rows), "queries": "held-out: sampled rows, own row excluded",
-        "target_recall": target_recall, "target_met": target_met, "seed": seed,
-        "train_rows": trained_rows, "tuning": tuning, "seconds": seconds,
+        "target_recall": target_recall, "target_met": target_met,
+        "tuning": tuning, "seconds": seconds,
         "faiss_version": faiss.__version__, "build": "streamed",
-        "memory_budget": int(memory_budget),
     }
-    if calibration is not None:
-        info["calibration"] = calibration
+    if plan.calibration is not None:
+        info["calibration"] = plan.calibration
     return StreamedBuild(index, info, ivfdata, rescore_path)
 
 
+def update_streamed(source: VectorSource, previous: StreamedBuild, trained: bytes | None,
+                    out_dir: Path, *, target_recall: float, progress: Progress | None = None,
+                    map_shards=None) -> StreamedBuild:
+    """Add the rows from previous.info["n"] on to a streamed build's trained index: new IVF
+    parts merged after the old lists into a new on-disk file, binary codes or vectors added in
+    memory, the rescore file copied and extended; then tuned again on all rows (one more pass
+    over the old shards for the queries' exact top-k)."""
+    report = progress or (lambda message: None)
+    old = previous.info
+    n, dim, old_n = source.n, source.dim, old["n"]
+    key, seed = old["key"], old.get("seed", 0)
+    _, rescore = rs.split_key(key)
+    binary = isinstance(previous.index, faiss.IndexBinary)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    k = min(RECALL_K, n - 1)
+    truth_k = min(n, k + 1 + TIE_EXTRA)
+    query_rows = sample_rows(n, old.get("n_queries") or 1000, seed)
+    report(f"reading {len(query_rows):,} query vectors")
+    queries = take_rows(source, query_rows)
+    report(f"exact neighbours of the queries among the {old_n:,} rows indexed")
+    old_truth = [block_top_k(queries, v, first, truth_k) for first, v in source.shards()
+                 if first < old_n]
+    seconds["truth"] = round(time.perf_counter() - start, 3)
+    plan = Plan(key, dim, queries, truth_k, rescore, old.get("calibration"), trained,
+                in_memory=trained is None and not binary)
+    built = add_and_tune(previous.index, plan, source, query_rows, out_dir,
+                         uuid.uuid4().hex[:12], target_recall, report, map_shards, seconds,
+                         start_row=old_n, base=previous, old_truth=old_truth)
+    trained_on = old.get("trained_on_rows", old_n)
+    built.info.update({"seed": seed, "train_rows": old.get("train_rows", 0),
+                       "trained_on_rows": trained_on,
+                       "memory_budget": old.get("memory_budget"),
+                       "update": {"added_rows": int(n - old_n), "previous_rows": int(old_n),
+                                  "retrain_due": bool(n > 2 * trained_on
+                                                      and old.get("train_rows", 0) > 0)}})
+    if trained is not None:
+        built.trained_path = out_dir / f"index.{uuid.uuid4().hex[:12]}.trained"
+        built.trained_path.write_bytes(trained)
+    return built
+
+
 def add_shards(index, plan: Plan, results: Iterable[ShardResult], n: int, parts_dir: Path,
-               ivfdata: Path | None, rescore_path: Path | None, report: Progress) -> list:
+               ivfdata: Path | None, rescore_path: Path | None, report: Progress,
+               start_row: int = 0, base_lists=None) -> list:
     """Put the shards' results into the index (IVF: parts on disk, merged into `ivfdata` at the
     end) and the rescore file, in row order; returns the queries' exact top-k per shard."""
-    part_files, truth_parts, done = [], [], 0
+    part_files, truth_parts, done = [], [], start_row
     if ivfdata is not None:
         parts_dir.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.ExitStack() as stack:
-            rescore_out = stack.enter_context(open(rescore_path, "wb")) if rescore_path else None
+            mode = "ab" if start_row else "wb"  # an update extends its copy of the old file
+            rescore_out = stack.enter_context(open(rescore_path, mode)) if rescore_path else None
             for result in results:
                 if result.first_row != done:
                     raise RuntimeError(f"shard results out of order: row {result.first_row}, "
@@ -324,7 +401,7 @@ def add_shards(index, plan: Plan, results: Iterable[ShardResult], n: int, parts_
             raise RuntimeError(f"the shards held {done} rows, the source says {n}")
         if ivfdata is not None:
             report(f"merging {len(part_files)} inverted-list parts into {ivfdata.name}")
-            merge_parts(index, part_files, ivfdata)
+            merge_parts(index, part_files, ivfdata, base_lists)
     finally:
         for path in part_files:
             Path(path).unlink(missing_ok=True)
@@ -342,15 +419,24 @@ def without_own_row(scores: np.ndarray, ids: np.ndarray, self_rows: np.ndarray
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def merge_parts(index, part_files: list[str], ivfdata: Path) -> None:
-    """The parts' inverted lists into one file of OnDiskInvertedLists, which the index then
-    refers to by file name only: index.faiss is read with IO_FLAG_ONDISK_SAME_DIR, so the
-    folder may move."""
-    from faiss.contrib.ondisk import merge_ondisk
-
+def merge_parts(index, part_files: list[str], ivfdata: Path, base_lists=None) -> None:
+    """The parts' inverted lists (after `base_lists`, an update's old lists, if given) into
+    one file of OnDiskInvertedLists in the empty trained `index`, which then refers to it by
+    file name only: index.faiss is read with IO_FLAG_ONDISK_SAME_DIR, so the folder may
+    move. (FAISS's contrib.ondisk.merge_ondisk, with a base.)"""
+    ivf = faiss.extract_index_ivf(index)
     with quiet_faiss():
-        merge_ondisk(index, part_files, str(ivfdata))
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        parts = [faiss.read_index(name, faiss.IO_FLAG_MMAP) for name in part_files]
+        sources = faiss.InvertedListsPtrVector()
+        if base_lists is not None:
+            sources.push_back(base_lists)
+        for part in parts:
+            sources.push_back(faiss.extract_index_ivf(part).invlists)
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+        total = lists.merge_from_multiple(sources.data(), sources.size(), False)
+    index.ntotal = ivf.ntotal = total
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
     lists.filename = ivfdata.name
 
 
