@@ -9,14 +9,15 @@ Two uses, one mechanism:
   vectors on disk re-rank, as FAISS's `Refine` does but without holding the refinement codes
   in RAM.
 
-The rescore file (index.rescore) is rows of `row_bytes` bytes, row r at offset r * row_bytes.
-It is read with pread, not mapped, so the pages a search touches stay in the page cache and do
-not count in the process's RSS.
+The rescore file (index.<build>.rescore) is rows of `row_bytes` bytes, row r at offset
+r * row_bytes, mapped read-only; the pages a search touches are handed back to the page
+cache as it goes (RescoreFile), so they do not pile up in the process's RSS.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,17 +116,31 @@ def decode(rows: np.ndarray, rescore: Rescore, calibration: dict, dim: int) -> n
 # -- the file ----------------------------------------------------------------------------------
 
 class RescoreFile:
-    """Reads rows of index.rescore by position (pread: no mapping, no RSS)."""
+    """Reads rows of index.rescore by position, through a read-only mapping whose pages are
+    handed back (MADV_DONTNEED) once a search has touched RELEASE_BYTES of them: the kernel's
+    page cache keeps them, but they do not pile up in this process's RSS as a long-running
+    server reads a file far larger than its memory."""
+
+    RELEASE_BYTES = 64 << 20
 
     def __init__(self, path: str | Path, rescore: Rescore, calibration: dict, dim: int):
         self.path, self.rescore, self.calibration, self.dim = Path(path), rescore, calibration, dim
         self.row_bytes = rescore.row_bytes(dim)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.path.stat().st_size
+        self._touched = 0
+        self._map = None
+        if size:
+            with open(self.path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._rows = (np.frombuffer(self._map, np.uint8).reshape(-1, self.row_bytes)
+                      if self._map is not None else np.zeros((0, self.row_bytes), np.uint8))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._rows = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: it keeps the mapping
+                self._map.close()
+            self._map = None
 
     def __del__(self):
         self.close()
@@ -133,17 +148,13 @@ class RescoreFile:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Decoded vectors of `rows` (any shape of non-negative ints): rows.shape + (dim,)."""
         flat = np.asarray(rows, np.int64).reshape(-1)
-        unique, inverse = np.unique(flat, return_inverse=True)
-        size = self.row_bytes
-        buffer = bytearray(len(unique) * size)
-        view = memoryview(buffer)
-        for i, row in enumerate(unique.tolist()):
-            got = os.preadv(self._fd, [view[i * size:(i + 1) * size]], row * size)
-            if got != size:
-                raise OSError(f"{self.path}: short read at row {row}")
-        decoded = decode(np.frombuffer(buffer, np.uint8).reshape(len(unique), size),
-                         self.rescore, self.calibration, self.dim)
-        return decoded[inverse].reshape(*np.shape(rows), self.dim)
+        taken = self._rows[flat]  # a copy: the mapping's pages may go after this
+        self._touched += len(flat) * 4096  # at most a page per row
+        if self._touched > self.RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+            self._touched = 0
+        decoded = decode(taken, self.rescore, self.calibration, self.dim)
+        return decoded.reshape(*np.shape(rows), self.dim)
 
 
 def rescore_candidates(queries: np.ndarray, candidates: np.ndarray, store: RescoreFile,
@@ -153,7 +164,7 @@ def rescore_candidates(queries: np.ndarray, candidates: np.ndarray, store: Resco
     queries = np.asarray(queries, np.float32)
     valid = candidates >= 0
     vectors = store.vectors(np.where(valid, candidates, 0))  # (nq, c, dim)
-    scores = np.einsum("qd,qcd->qc", queries, vectors)
+    scores = np.matmul(vectors, queries[:, :, None])[:, :, 0]  # (nq, c): batched dots
     scores = np.where(valid, scores, -np.inf).astype(np.float32)
     order = np.lexsort((np.where(valid, candidates, np.iinfo(np.int64).max), -scores),
                        axis=-1)[:, :k]
