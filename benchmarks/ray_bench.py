@@ -164,9 +164,11 @@ def main() -> int:
           f"{cluster_start_s:.1f} s start); shards identical: {identical}; tokenize local "
           f"{tokenize_local_s:.1f} s, Ray {tokenize_ray_s:.1f} s (identical: "
           f"{tokens_identical})")
-    for calls, figures in result["embed_ray_by_gpu_calls"].items():
+    for calls, figures in (result["embed_ray_by_gpu_calls"] if device == "cuda"
+                           else {"": result["embed_ray"]}).items():
         stats, rate = figures["stats"], figures["steady_tokens_per_s"] or 0
-        print(f"Ray, {calls} calls per GPU actor: {figures['seconds']:.1f} s wall, steady "
+        runs = f"{calls} calls per GPU actor" if device == "cuda" else "CPU actors"
+        print(f"Ray, {runs}: {figures['seconds']:.1f} s wall, steady "
               f"{rate:,.0f} tok/s ({rate / (e_local['steady_tokens_per_s'] or 1):.1%}"
               f" of local's {e_local['steady_tokens_per_s'] or 0:,.0f}); first ready at "
               f"{stats.get('models_ready_at_s')} s, first shard ready at "

@@ -3,8 +3,10 @@
 The stages' Ray engines (embed/engines/ray.py, text/ray_tokenize.py) run their work in Ray
 workers that may be on other hosts: nothing here assumes they share this machine's home
 directory. The files a worker needs (the model's checkpoint, GPT-2's ranks file) travel
-through Ray's object store (`ship_files`) and are written to the worker's own temp folder
-(`unpack_files`); only the corpus and the token shards are read where they are, through
+through Ray's object store (`ship_files`; the checkpoint by a task on this machine, in the
+background: `ship_files_later`) and are written to the worker's own temp folder
+(`unpack_files`), unless an embed actor sees the driver's checkpoint folder with the same
+weights and loads it there; the corpus and the token shards are read where they are, through
 pyarrow's filesystems (`read_bytes`: a path on a shared filesystem, or an object-store URI).
 """
 
