@@ -2,6 +2,7 @@
 
     python benchmarks/index_bench.py large [--rows 10000000] [--memory-budget 2GB] [--out F]
     python benchmarks/index_bench.py compressed [--index indexes/default] [--out F]
+    python benchmarks/index_bench.py update [--ivf-key IVF256,Flat] [--out F]
 
 `large`: N synthetic vectors (below) are built into an index by the same streamed build as
 `pipeline build-index` (pipeline/index/streamed.py) under the budget, in a child process whose
@@ -15,6 +16,13 @@ corpus (indexes/default; `make index` first) plus Gaussian noise shaped by those
 own covariance (so the noise lies in the directions the model uses, at their variances),
 scaled by --noise, normalised. Shard s of 50,000 rows is a pure function of (seed, s), so
 both passes of the build and the exact search see the same vectors without storing them.
+
+`update`: the default corpus split into its first 90% and last 10% of documents (two Parquet
+files): a folder made from the 90% (set-up, not timed) gets the 10% file added and runs
+tokenize, embed and build-index again (the update), against a fresh folder made from both
+files in the same run (the full rebuild); both with the default Flat index and with an IVF
+one (--ivf-key), compared by their search results (Flat: the same rows and scores) and
+recall. Each stage is a `pipeline` command, timed from outside.
 
 `compressed`: on the default index's own vectors, `BFlat,Rescore(int8)` (binary codes in
 memory, calibrated int8 on disk) against exact float search (Flat): recall@10 on held-out
@@ -265,6 +273,81 @@ def compressed(args) -> dict:
     return results
 
 
+def pipeline_command(*args) -> float:
+    """Seconds a `pipeline` command takes, run as a user runs it."""
+    venv = ROOT / ".venv" / "bin" / "pipeline"
+    start = time.perf_counter()
+    subprocess.run([str(venv) if venv.exists() else "pipeline", *map(str, args)], check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def tokens_and_vectors(corpus: Path, folder: Path) -> dict:
+    return {"tokenize": pipeline_command("tokenize", corpus, "--index", folder),
+            "embed": pipeline_command("embed", "--index", folder)}
+
+
+def update(args) -> dict:
+    """See the module docstring. The embeddings do not depend on the index, so each side
+    embeds once and copies the folder per index key; each key's total is that side's tokenize
+    + embed + its own build-index."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.folder import IndexFolder
+    from pipeline.index.store import load_search_index
+
+    work = Path(tempfile.mkdtemp(prefix="update_bench_"))
+    table = pq.read_table(ROOT / "data_sets" / "debian_packages.parquet")
+    cut = int(table.num_rows * 0.9)
+    grown, both = work / "grown", work / "both"
+    grown.mkdir()
+    both.mkdir()
+    pq.write_table(table.slice(0, cut), grown / "a.parquet")
+    shutil.copy(grown / "a.parquet", both / "a.parquet")
+    pq.write_table(table.slice(cut), both / "b.parquet")
+    keys = ["Flat", args.ivf_key]
+    # set-up: the folders before the corpus grew, one per key
+    tokens_and_vectors(grown, work / "base")
+    for key in keys:
+        shutil.copytree(work / "base", work / f"update-{key}")
+        pipeline_command("build-index", "--index", work / f"update-{key}", "--index-key", key)
+    shutil.copy(both / "b.parquet", grown / "b.parquet")
+    full_shared = tokens_and_vectors(both, work / "full")
+    results = {"documents_before": cut, "documents_added": table.num_rows - cut,
+               "full_tokenize_embed_s": {k: round(v, 2) for k, v in full_shared.items()}}
+    for key in keys:
+        old, new = work / f"update-{key}", work / f"full-{key}"
+        updated = tokens_and_vectors(grown, old)
+        updated["build-index"] = pipeline_command("build-index", "--index", old,
+                                                  "--index-key", key)
+        shutil.copytree(work / "full", new)
+        full = {**full_shared, "build-index": pipeline_command("build-index", "--index", new,
+                                                                "--index-key", key)}
+        a, a_info = load_search_index(IndexFolder(old))
+        b, b_info = load_search_index(IndexFolder(new))
+        rows = IndexFolder(new).rows
+        queries = IndexFolder(new).vectors_at(np.arange(0, rows, 53))
+        sa, ia = a.search(queries, 10)
+        sb, ib = b.search(queries, 10)
+        results[key] = {
+            "update_s": {k: round(v, 2) for k, v in updated.items()},
+            "update_total_s": round(sum(updated.values()), 1),
+            "full_total_s": round(sum(full.values()), 1),
+            "update_over_full": round(sum(updated.values()) / sum(full.values()), 3),
+            "build_index_update_over_full": round(updated["build-index"] / full["build-index"],
+                                                  3),
+            "same_rows_as_full": bool((ia == ib).all()),
+            "max_score_difference": float(np.abs(sa - sb).max()),
+            "recall_update": a_info["recall"], "recall_full": b_info["recall"],
+            "update_record": a_info.get("update"), "rows": a_info["n"],
+            "queries": len(queries),
+        }
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -274,7 +357,9 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["large", "compressed", "_build", "_truth", "_search"])
+    parser.add_argument("mode", choices=["large", "compressed", "update", "_build", "_truth",
+                                         "_search"])
+    parser.add_argument("--ivf-key", default="IVF256,Flat")
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--memory-budget", default="2GB")
     parser.add_argument("--target-recall", type=float, default=0.95)
@@ -292,7 +377,7 @@ def main() -> None:
         return search_child(args)
     if args.mode == "_truth":
         return truth_child(args)
-    result = large(args) if args.mode == "large" else compressed(args)
+    result = {"large": large, "compressed": compressed, "update": update}[args.mode](args)
     result = {"mode": args.mode, "cpu": cpu_name(), "cores": os.cpu_count(), **result}
     text = json.dumps(result, indent=2)
     print(text)

@@ -148,8 +148,11 @@ def can_update(folder: IndexFolder, section: dict) -> bool:
     if not folder.exists() or "tokenize" not in folder.manifest:
         return False
     old = folder.manifest["tokenize"]
+    # The old rows are kept as they are: only if each shard is the file recorded (a damaged
+    # one has the folder tokenized afresh).
     return all(old.get(k) == section[k] for k in ("settings", "tokenizer")) and all(
-        (folder.tokens_dir / s["name"]).is_file() for s in old["shards"])
+        (path := folder.tokens_dir / s["name"]).is_file() and file_sha256(path) == s["sha256"]
+        for s in old["shards"])
 
 
 def append_changes(folder: IndexFolder, work: Path, shards: list[dict], section: dict,
