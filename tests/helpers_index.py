@@ -67,3 +67,15 @@ def write_embedded_folder(index_dir: str | Path, vectors: np.ndarray, shard_rows
                 "embed": {"identity": identity, "dtype": "float32", "shards": embed_records}}
     folder.write_manifest(manifest)
     return manifest
+
+
+def assert_same_search(index_dir_a, index_dir_b, queries, k: int = 10) -> None:
+    """Both folders' indexes, loaded as search loads them, give the same rows and scores."""
+    from pipeline.index.store import load_search_index
+
+    a, _ = load_search_index(index_dir_a)
+    b, _ = load_search_index(index_dir_b)
+    scores_a, rows_a = a.search(queries, k)
+    scores_b, rows_b = b.search(queries, k)
+    np.testing.assert_array_equal(rows_a, rows_b)
+    np.testing.assert_array_equal(scores_a, scores_b)

@@ -9,7 +9,12 @@ import faiss
 import numpy as np
 import pytest
 from helpers_cli import cli, one_error_line
-from helpers_index import brute_force, clustered_unit_vectors, write_embedded_folder
+from helpers_index import (
+    assert_same_search,
+    brute_force,
+    clustered_unit_vectors,
+    write_embedded_folder,
+)
 
 from pipeline.errors import IndexFolderError
 from pipeline.folder import IndexFolder, sample_rows
@@ -263,9 +268,4 @@ def test_an_update_of_an_in_memory_index_matches_a_rebuild(tmp_path):
     assert info["update"]["added_rows"] == 1_000 and info["key"] == "Flat"
     write_embedded_folder(fresh, x, shard_rows=1_000)
     build.run_build_index(fresh)
-    a, _ = store.load_search_index(path)
-    b, _ = store.load_search_index(fresh)
-    sa, ia = a.search(x[::13], 10)
-    sb, ib = b.search(x[::13], 10)
-    np.testing.assert_array_equal(ia, ib)
-    np.testing.assert_array_equal(sa, sb)
+    assert_same_search(path, fresh, x[::13])

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 from helpers_cli import cli
-from helpers_index import clustered_unit_vectors, write_embedded_folder
+from helpers_index import assert_same_search, clustered_unit_vectors, write_embedded_folder
 
 from pipeline import ray_cluster
 from pipeline.index import build, store
@@ -50,12 +49,7 @@ def test_ray_build_writes_the_local_streamed_build_byte_for_byte(cluster, tmp_pa
     untimed = [[{k: v for k, v in step.items() if k != "ms_per_query"} for step in info["tuning"]]
                for info in (here, there)]
     assert untimed[0] == untimed[1]
-    a, _ = store.load_search_index(local)
-    b, _ = store.load_search_index(remote)
-    sa, ia = a.search(x[::11], 10)
-    sb, ib = b.search(x[::11], 10)
-    np.testing.assert_array_equal(ia, ib)
-    np.testing.assert_array_equal(sa, sb)
+    assert_same_search(local, remote, x[::11])
 
 
 def test_cli_build_index_on_ray(cluster, tmp_path):
