@@ -18,7 +18,7 @@ from helpers_index import (
 
 from pipeline.errors import IndexFolderError
 from pipeline.folder import IndexFolder, sample_rows
-from pipeline.index import build, rescore, store, streamed
+from pipeline.index import build, choice, rescore, store, streamed
 
 TINY_BUDGET = 100_000  # bytes: far below 6,000 x 32 float32 vectors, so the build streams
 
@@ -128,6 +128,29 @@ def test_the_budget_alone_decides_to_stream(folder_6k):
     searchable, _ = store.load_search_index(path)
     _, found = searchable.search(x[:100], 10)
     np.testing.assert_array_equal(found, brute_force(x, x[:100], 10)[1])
+
+
+def test_a_refined_pq_chosen_past_the_budget_rescores_from_disk(folder_6k, monkeypatch):
+    """The size tier IVF,PQ,Refine(SQfp16) fits the budget but the vectors beside it do not:
+    the build streams, and its float16 re-ranking codes go to the rescore file."""
+    path, x = folder_6k
+    monkeypatch.setattr(choice, "FLAT_MAX_FLOATS", 1_000)
+    monkeypatch.setattr(choice, "HNSW_MAX_ROWS", 0)
+    budget = 1_200_000  # the refined PQ tier fits half; float32 vectors beside it do not
+    chosen = choice.choose_index_key(len(x), x.shape[1], budget)
+    assert chosen.endswith(",Refine(SQfp16)")
+    info = build.run_build_index(path, memory_budget=budget)
+    assert info["build"] == "streamed"
+    assert info["key"] == chosen.replace(",Refine(SQfp16)", ",Rescore(fp16)")
+    assert held_out_recall(store.load_search_index(path)[0], x) >= 0.9
+
+
+def test_a_refine_key_in_a_streamed_build_is_one_line(folder_6k):
+    path, _ = folder_6k
+    line = one_error_line(cli("build-index", "--index", path, "--index-key",
+                              "IVF16,PQ8x4,Refine(Flat)", "--memory-budget", "100KB"))
+    assert "Rescore(fp16)" in line
+    assert not (path / "index.json").exists()
 
 
 def test_damaged_side_files_are_refused_and_rebuilt(folder_6k):

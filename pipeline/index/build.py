@@ -30,6 +30,7 @@ from pipeline.index.choice import (
     index_bytes,
     make_index,
     search_params_grid,
+    streamed_key,
 )
 from pipeline.index.recall import RECALL_K, held_out_truth, measure_recall
 from pipeline.index.rescore import is_binary_key, split_key
@@ -221,6 +222,8 @@ def build_folder_index(index_dir: str | Path, *, index_key: str | None = None,
         n, dim = folder.rows, folder.embedding_dim()
         budget = memory_budget or default_memory_budget()
         key = index_key or choose_index_key(n, dim, budget)
+        if index_key is None and (ray is not None or needs_streaming(n, dim, key, budget)):
+            key = streamed_key(key)
         make_index(dim, key)  # a bad key fails before the vectors are read
         check_embedding_shards(folder)
         store.remove_stale_side_files(folder, keep=kept_side_files(folder))
@@ -326,8 +329,9 @@ def update_streamed_folder(folder: IndexFolder, previous: dict, target_recall: f
         raise IndexFolderError(f"{folder.info_file} records no trained index to add to: "
                                f"{store.rebuild_hint(folder)}")
     _, rescore = split_key(previous["key"])
-    old = streamed.StreamedBuild(index, previous, None,
-                                 folder.path / side["rescore"]["name"] if rescore else None)
+    old = streamed.StreamedBuild(
+        index, previous, folder.path / side["ivfdata"]["name"] if "ivfdata" in side else None,
+        folder.path / side["rescore"]["name"] if rescore else None)
     map_shards = None
     if ray is not None:
         from pipeline.index.ray_build import ray_shard_mapper

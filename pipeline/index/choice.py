@@ -143,6 +143,13 @@ def choose_index_key(n: int, dim: int, memory_bytes: int | None = None) -> str:
     return compressed[-1]
 
 
+def streamed_key(key: str) -> str:
+    """The key a streamed build uses for `key` chosen by size: Refine(SQfp16)'s float16 codes
+    live in RAM, so out of core they go to the rescore file instead (Rescore(fp16), the same
+    re-ranking read from disk)."""
+    return key.replace(",Refine(SQfp16)", ",Rescore(fp16)")
+
+
 @contextlib.contextmanager
 def quiet_faiss():
     """Silence what FAISS's C++ prints on stdout and stderr meanwhile (the on-disk lists

@@ -10,14 +10,13 @@ Two uses, one mechanism:
   in RAM.
 
 The rescore file (index.<build>.rescore) is rows of `row_bytes` bytes, row r at offset
-r * row_bytes, mapped read-only; the pages a search touches are handed back to the page
-cache as it goes (RescoreFile), so they do not pile up in the process's RSS.
+r * row_bytes, read row by row with pread (RescoreFile): the page cache keeps what is hot, and
+the process's RSS holds only the rows of the queries at hand.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ KINDS = ("int8", "fp16", "fp32")
 # Candidates per wanted neighbour: the first tried and the grid tuning rises over.
 DEFAULT_FACTOR = 4
 FACTORS = (4, 8, 16, 32, 64)
+# Decoded candidate vectors held at once while rescoring a batch of queries.
+RESCORE_BLOCK_BYTES = 32 << 20
 RESCORE_PATTERN = re.compile(r"^(.*?),?\s*Rescore\((\w+)\)\s*$")
 
 
@@ -116,52 +117,73 @@ def decode(rows: np.ndarray, rescore: Rescore, calibration: dict, dim: int) -> n
 # -- the file ----------------------------------------------------------------------------------
 
 class RescoreFile:
-    """Reads rows of index.rescore by position, through a read-only mapping whose pages are
-    handed back (MADV_DONTNEED) once a search has touched RELEASE_BYTES of them: the kernel's
-    page cache keeps them, but they do not pile up in this process's RSS as a long-running
-    server reads a file far larger than its memory."""
+    """Reads rows of index.rescore by position with plain reads (pread), rows close together
+    in one read. Not mapped: a page fault on a mapped file maps up to 16 neighbouring pages
+    that the page cache holds ("fault-around"), so reading a few thousand scattered rows of a
+    file just written put gigabytes in the process's RSS; a read copies only what it asks."""
 
-    RELEASE_BYTES = 64 << 20
+    # Rows this many bytes apart or closer are read together: past a page, two reads are
+    # cheaper than the bytes between them.
+    GAP_BYTES = 4096
 
     def __init__(self, path: str | Path, rescore: Rescore, calibration: dict, dim: int):
         self.path, self.rescore, self.calibration, self.dim = Path(path), rescore, calibration, dim
         self.row_bytes = rescore.row_bytes(dim)
-        size = self.path.stat().st_size
-        self._touched = 0
-        self._map = None
-        if size:
-            with open(self.path, "rb") as fh:
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self._rows = (np.frombuffer(self._map, np.uint8).reshape(-1, self.row_bytes)
-                      if self._map is not None else np.zeros((0, self.row_bytes), np.uint8))
+        self.rows = self.path.stat().st_size // self.row_bytes
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
-        self._rows = None
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view still held: it keeps the mapping
-                self._map.close()
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __del__(self):
         self.close()
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored bytes of sorted distinct `rows` (n, row_bytes)."""
+        out = np.empty((len(rows), self.row_bytes), np.uint8)
+        if not len(rows):
+            return out
+        if rows[0] < 0 or rows[-1] >= self.rows:
+            raise IndexError(f"{self.path.name} holds rows 0..{self.rows - 1}, asked for "
+                             f"{rows[0]}..{rows[-1]}")
+        gap_rows = max(1, self.GAP_BYTES // self.row_bytes)
+        breaks = np.flatnonzero(np.diff(rows) > gap_rows) + 1
+        run_starts, run_ends = np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()
+        for lo, hi in zip(run_starts, run_ends, strict=True):
+            first, last = int(rows[lo]), int(rows[hi - 1])
+            size = (last - first + 1) * self.row_bytes
+            data = os.pread(self._fd, size, first * self.row_bytes)
+            if len(data) != size:
+                raise OSError(f"{self.path.name}: short read at row {first}")
+            run = np.frombuffer(data, np.uint8).reshape(-1, self.row_bytes)
+            out[lo:hi] = run[rows[lo:hi] - first]
+        return out
+
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Decoded vectors of `rows` (any shape of non-negative ints): rows.shape + (dim,)."""
-        flat = np.asarray(rows, np.int64).reshape(-1)
-        taken = self._rows[flat]  # a copy: the mapping's pages may go after this
-        self._touched += len(flat) * 4096  # at most a page per row
-        if self._touched > self.RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
-            self._touched = 0
-        decoded = decode(taken, self.rescore, self.calibration, self.dim)
-        return decoded.reshape(*np.shape(rows), self.dim)
+        distinct, where = np.unique(np.asarray(rows, np.int64).reshape(-1), return_inverse=True)
+        decoded = decode(self.read_rows(distinct), self.rescore, self.calibration, self.dim)
+        return decoded[where].reshape(*np.shape(rows), self.dim)
 
 
 def rescore_candidates(queries: np.ndarray, candidates: np.ndarray, store: RescoreFile,
                        k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top k of each query's candidate rows (nq, c; -1 = none) by inner product with the
-    stored vectors: (scores, rows), best first, ties to the lower row, -1 / -inf padding."""
+    stored vectors: (scores, rows), best first, ties to the lower row, -1 / -inf padding.
+    Queries go in blocks, so the decoded candidates stay near RESCORE_BLOCK_BYTES."""
     queries = np.asarray(queries, np.float32)
+    per_query = max(1, candidates.shape[1] * store.dim * 4)
+    step = max(1, RESCORE_BLOCK_BYTES // per_query)
+    blocks = [_rescore_block(queries[i:i + step], candidates[i:i + step], store, k)
+              for i in range(0, len(queries), step)]
+    if not blocks:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
+def _rescore_block(queries, candidates, store, k):
     valid = candidates >= 0
     vectors = store.vectors(np.where(valid, candidates, 0))  # (nq, c, dim)
     scores = np.matmul(vectors, queries[:, :, None])[:, :, 0]  # (nq, c): batched dots

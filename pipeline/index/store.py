@@ -217,7 +217,8 @@ def read_index_file(path: Path, info: dict):
         return faiss.read_index_binary(str(path))
     if "ivfdata" in info.get("side_files", {}):
         with quiet_faiss():  # FAISS prints the file name it maps
-            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR
+                                    | faiss.IO_FLAG_READ_ONLY)  # mapped read-only
     if re.search(r"IVF\d", info["key"]):
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     return faiss.read_index(str(path))

@@ -3,11 +3,11 @@
 Two passes over the shards:
 1. a seeded sample (the training set, the codecs' calibration) and the held-out queries;
 2. per shard (`shard_work`, a pure function of the shard, so it runs in a loop here or as a
-   Ray task): its IVF part (a copy of the trained, empty index holding only this shard's
-   vectors, ids = corpus rows), its rows of the rescore file, and the queries' exact top-k
-   within it. IVF parts are merged into one on-disk inverted-list file (FAISS's
-   `merge_ondisk` / `OnDiskInvertedLists`), which search maps instead of loading; other
-   indexes (HNSW, Flat, SQ8, binary) take the shard in memory, in row order.
+   Ray task): its IVF part (its rows' list numbers and codes, ids = corpus rows), its rows of
+   the rescore file, and the queries' exact top-k within it. IVF parts are merged into one
+   file of FAISS's `OnDiskInvertedLists` (ondisk.py, by file I/O rather than mapping), which
+   search maps instead of loading; other indexes (HNSW, Flat, SQ8, binary) take the shard in
+   memory, in row order.
 Then the search parameters (nprobe / efSearch, and the rescore factor) rise until held-out
 recall@k against the exact top-k reaches the target, as for in-memory builds.
 
@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.errors import IndexKeyError
 from pipeline.folder import sample_rows
+from pipeline.index import ondisk
 from pipeline.index import rescore as rs
 from pipeline.index.choice import (
     MIN_TRAIN_ROWS,
@@ -101,22 +102,23 @@ class Plan:
 class ShardResult:
     first_row: int
     rows: int
-    part: bytes | None = None          # serialised IVF part (ids = corpus rows)
+    part: ondisk.Part | None = None    # the IVF lists' entries (ids = corpus rows)
     codes: np.ndarray | None = None    # binary codes, for a binary index
     vectors: np.ndarray | None = None  # the vectors, for an in-memory float index
     rescore_rows: np.ndarray | None = None
     truth: tuple[np.ndarray, np.ndarray] = field(default=None)  # the queries' top-k here
 
 
-def shard_work(plan: Plan, first_row: int, vectors: np.ndarray) -> ShardResult:
-    """Everything one shard contributes, from the shard alone."""
+def shard_work(plan: Plan, first_row: int, vectors: np.ndarray, trained=None) -> ShardResult:
+    """Everything one shard contributes, from the shard alone. `trained`: plan.trained
+    already deserialised (it is only read), to skip doing so per shard."""
     vectors = np.ascontiguousarray(vectors, np.float32)
     result = ShardResult(first_row, len(vectors),
                          truth=block_top_k(plan.queries, vectors, first_row, plan.truth_k))
     if plan.trained is not None:
-        part = faiss.deserialize_index(np.frombuffer(plan.trained, np.uint8))
-        part.add_with_ids(vectors, np.arange(first_row, first_row + len(vectors), dtype=np.int64))
-        result.part = faiss.serialize_index(part).tobytes()
+        if trained is None:
+            trained = faiss.deserialize_index(np.frombuffer(plan.trained, np.uint8))
+        result.part = ondisk.encode_part(trained, vectors, first_row)
     elif plan.binary:
         result.codes = rs.binary_codes(vectors, plan.calibration)
     elif plan.in_memory:
@@ -228,6 +230,12 @@ def build_streamed(source: VectorSource, key: str, out_dir: Path, *, memory_budg
     report = progress or (lambda message: None)
     n, dim = source.n, source.dim
     index = make_index(dim, key)
+    if not isinstance(index, faiss.IndexBinary) and \
+            isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        # Refine holds every row's refinement code in RAM; Rescore keeps them on disk.
+        raise IndexKeyError(f"index key {key!r}: a streamed build keeps no refinement codes in "
+                            f"memory; write Rescore(fp16) (or int8/fp32) instead of Refine, "
+                            f"e.g. 'OPQ64,IVF4096,PQ64,Rescore(fp16)'")
     _, rescore = rs.split_key(key)
     binary = isinstance(index, faiss.IndexBinary)
     seconds: dict[str, float] = {}
@@ -282,16 +290,17 @@ def add_and_tune(index, plan: Plan, source: VectorSource, query_rows: np.ndarray
     rescore_path = out_dir / f"index.{build_id}.rescore" if rescore else None
     if base is not None and rescore_path is not None:
         shutil.copyfile(base.rescore_path, rescore_path)
-    run = map_shards or (lambda p, shards: (shard_work(p, first, v) for first, v in shards))
-    shards = ((first, v) for first, v in source.shards() if first >= start_row)
     target = faiss.deserialize_index(np.frombuffer(plan.trained, np.uint8)) \
         if base is not None and ivf else index
+    run = map_shards or (lambda p, shards: (shard_work(p, first, v, target if ivf else None)
+                                            for first, v in shards))
+    shards = ((first, v) for first, v in source.shards() if first >= start_row)
     try:
         truth_parts = list(old_truth) + add_shards(
             target, plan, run(plan, shards), n, parts_dir, ivfdata, rescore_path, report,
             start_row=start_row,
-            base_lists=faiss.extract_index_ivf(index).invlists if base is not None and ivf
-            else None)
+            base_lists=ondisk.OnDiskLists(base.ivfdata, faiss.extract_index_ivf(index).invlists)
+            if base is not None and ivf else None)
     except BaseException:
         for path in (ivfdata, rescore_path):
             if path is not None:
@@ -386,9 +395,9 @@ def add_shards(index, plan: Plan, results: Iterable[ShardResult], n: int, parts_
                                        f"expected {done}")
                 truth_parts.append(result.truth)
                 if result.part is not None:
-                    path = parts_dir / f"part-{len(part_files):05d}.index"
-                    path.write_bytes(result.part)
-                    part_files.append(str(path))
+                    path = parts_dir / f"part-{len(part_files):05d}.lists"
+                    result.part.write(path)
+                    part_files.append(path)
                 elif result.codes is not None:
                     index.add(result.codes)
                 else:
@@ -419,25 +428,14 @@ def without_own_row(scores: np.ndarray, ids: np.ndarray, self_rows: np.ndarray
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def merge_parts(index, part_files: list[str], ivfdata: Path, base_lists=None) -> None:
+def merge_parts(index, part_files: list[Path], ivfdata: Path,
+                base_lists: ondisk.OnDiskLists | None = None) -> None:
     """The parts' inverted lists (after `base_lists`, an update's old lists, if given) into
-    one file of OnDiskInvertedLists in the empty trained `index`, which then refers to it by
-    file name only: index.faiss is read with IO_FLAG_ONDISK_SAME_DIR, so the folder may
-    move. (FAISS's contrib.ondisk.merge_ondisk, with a base.)"""
+    one on-disk file installed in the empty trained `index` (ondisk.merge_parts)."""
     ivf = faiss.extract_index_ivf(index)
-    with quiet_faiss():
-        parts = [faiss.read_index(name, faiss.IO_FLAG_MMAP) for name in part_files]
-        sources = faiss.InvertedListsPtrVector()
-        if base_lists is not None:
-            sources.push_back(base_lists)
-        for part in parts:
-            sources.push_back(faiss.extract_index_ivf(part).invlists)
-        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
-        total = lists.merge_from_multiple(sources.data(), sources.size(), False)
-    index.ntotal = ivf.ntotal = total
-    ivf.replace_invlists(lists, True)
-    lists.this.disown()
-    lists.filename = ivfdata.name
+    parts = [ondisk.PartFile(path, ivf.nlist, ivf.code_size) for path in part_files]
+    ondisk.merge_parts(index, ([base_lists] if base_lists is not None else []) + parts,
+                       ivfdata)
 
 
 def rescore_store(path, rescore, calibration, dim):
