@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.embed import gpu
-from pipeline.embed.batching import pad_batch, plan_batches
+from pipeline.embed.batching import PAD_MULTIPLE, pad_batch, padded_length, plan_batches
 from pipeline.embed.device import cpu_has_fast_bf16, pick_device, resolve_precision
 from pipeline.embed.gpu import PendingVectors, compile_ahead, layout_on_device
 from pipeline.embed.layout import WINDOW, pack_windows, plan_layout, plan_passes
@@ -93,8 +93,12 @@ class Encoder:
 
     @torch.inference_mode()
     def embed_batch(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """One padded forward pass; returns (B, dim) float32 L2-normalised vectors."""
-        ids, mask = pad_batch(token_lists)
+        """One padded forward pass; returns (B, dim) float32 L2-normalised vectors. Padded to
+        the longest row's padded_length, so a row of that length gets the vector it gets in
+        any batch (batching.PAD_MULTIPLE)."""
+        longest = max((len(t) for t in token_lists), default=1)
+        ids, mask = pad_batch(token_lists,
+                              length=padded_length(longest, PAD_MULTIPLE, self.max_tokens))
         ids, mask = ids.to(self.device), mask.to(self.device)
         vectors = self.model.embed(ids, mask, self.pooling)
         return vectors.float().cpu().numpy()
@@ -137,11 +141,16 @@ class Encoder:
                       progress=None, dtype: type = np.float32) -> PendingVectors:
         token_lists = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
         out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
-        for batch in plan_batches([len(t) for t in token_lists], max_batch_tokens):
+        for batch in self.plan_batches([len(t) for t in token_lists], max_batch_tokens):
             out[batch] = self.embed_batch([token_lists[i] for i in batch])
             if progress is not None:
                 progress.update(len(batch))
         return PendingVectors(host=out.astype(dtype, copy=False))
+
+    def plan_batches(self, lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+        """The padded path's batches: rows of one padded length each (batching.PAD_MULTIPLE)."""
+        return plan_batches(lengths, max_batch_tokens, pad_multiple=PAD_MULTIPLE,
+                            limit=self.max_tokens)
 
     @property
     def packs(self) -> bool:

@@ -51,7 +51,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embed.batching import plan_batches
 from pipeline.embed.engines import END, show_rates
 from pipeline.embed.engines.local import WRITE_ROWS
 from pipeline.embed.gpu import PendingVectors
@@ -338,7 +337,7 @@ class EmbedPieces:
         batches (float32, as it computes them)."""
         s = self.settings
         lengths = np.diff(offsets)
-        batches = plan_batches(lengths.tolist(), s.batch_tokens)
+        batches = self.encoder.plan_batches(lengths.tolist(), s.batch_tokens)
         mine = split_batches(batches, lengths, pieces)[piece]
         if not mine:
             return np.zeros(0, np.int64), np.zeros((0, self.encoder.dim), np.float32)
