@@ -29,8 +29,9 @@ KINDS = ("int8", "fp16", "fp32")
 # Candidates per wanted neighbour: the first tried and the grid tuning rises over.
 DEFAULT_FACTOR = 4
 FACTORS = (4, 8, 16, 32, 64)
-# Decoded candidate vectors held at once while rescoring a batch of queries.
-RESCORE_BLOCK_BYTES = 32 << 20
+# Decoded candidate vectors held at once while rescoring a batch of queries (8 MB: at 32 MB
+# the 10M-row search peaked at 1.017 GB, 0.99 GB after; docs/performance.md).
+RESCORE_BLOCK_BYTES = 8 << 20
 RESCORE_PATTERN = re.compile(r"^(.*?),?\s*Rescore\((\w+)\)\s*$")
 
 
