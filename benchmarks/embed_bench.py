@@ -55,7 +55,7 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def fill_kernel_cache(spec: str, device: torch.device) -> float:
+def fill_kernel_cache(spec: str, device: torch.device, precision: str = "auto") -> float:
     """Compile the fused Triton kernel once in a separate process, as any earlier run on this
     machine would have: Triton keeps compiled kernels on disk, and the timed run (a process
     of its own for a user) then loads it from there (~0.6 s, still timed) instead of
@@ -64,8 +64,8 @@ def fill_kernel_cache(spec: str, device: torch.device) -> float:
 
     t = time.perf_counter()
     code = ("import sys, torch; from pipeline.embed.encoder import compile_ahead; "
-            "thread = compile_ahead(sys.argv[1], sys.argv[2]); thread and thread.join()")
-    subprocess.run([sys.executable, "-c", code, spec, str(device)], check=True)
+            "thread = compile_ahead(*sys.argv[1:]); thread and thread.join()")
+    subprocess.run([sys.executable, "-c", code, spec, str(device), precision], check=True)
     return time.perf_counter() - t
 
 
@@ -91,6 +91,30 @@ def matmul_tflops(device: torch.device) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def fp8_matmul_tflops(device: torch.device, m: int = 65536, k: int = 768, n: int = 3072
+                      ) -> float | None:
+    """FP8 e4m3 `_scaled_mm` TFLOP/s on one of GPT-2's layer shapes (c_fc: M x 768 x 3072),
+    rowwise scales and bf16 out as model/fp8.py calls it; None where FP8 does not run."""
+    from pipeline.model.fp8 import FP8, unsupported_reason
+
+    if device.type != "cuda" or unsupported_reason(device) is not None:
+        return None
+    a = torch.randn(m, k, device=device).to(FP8)
+    b = torch.randn(n, k, device=device).to(FP8).t()
+    sa = torch.ones(m, 1, device=device)
+    sb = torch.ones(1, n, device=device)
+    run = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * m * k * n * 20 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def flops_per_token(cfg, mean_len: float) -> float:
@@ -222,6 +246,8 @@ def main() -> int:
                         help="baseline on the first N docs only (0 = all)")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="auto",
+                        help="ours: auto, fp32, bf16 or fp8 (the baseline stays as it is)")
     parser.add_argument("--compile", action="store_true",
                         help="also report the packed-shape ceiling under torch.compile")
     parser.add_argument("--scaling", action="store_true",
@@ -239,8 +265,9 @@ def main() -> int:
         corpus = work / "corpus.txt"
         make_corpus(corpus, args.docs)
         texts = corpus.read_text().splitlines()
-        encoder = Encoder.load(spec, str(device))
-        kernel_cache_s = fill_kernel_cache(spec, device) if device.type == "cuda" else 0.0
+        encoder = Encoder.load(spec, str(device), precision=args.precision)
+        kernel_cache_s = fill_kernel_cache(spec, device, args.precision) \
+            if device.type == "cuda" else 0.0
         max_tokens = min(512, encoder.max_tokens)
         settings = TokenizeSettings(max_tokens=max_tokens, overlap=32)
 
@@ -251,7 +278,8 @@ def main() -> int:
         t0 = time.perf_counter()
         tok, emb = run_tokenize_and_embed(corpus, work / "idx", settings, model=spec,
                                           device=str(device), dtype="float16",
-                                          batch_tokens=args.batch_tokens or None)
+                                          batch_tokens=args.batch_tokens or None,
+                                          precision=args.precision)
         cuda_sync()
         t1 = time.perf_counter()
         n_tokens, n_rows = tok["stats"]["tokens"], tok["stats"]["rows"]
@@ -269,7 +297,7 @@ def main() -> int:
         run_tokenize(corpus, work / "staged", settings)
         t1 = time.perf_counter()
         run_embed(work / "staged", model=spec, device=str(device), dtype="float16",
-                  batch_tokens=args.batch_tokens or None)
+                  batch_tokens=args.batch_tokens or None, precision=args.precision)
         cuda_sync()
         t2 = time.perf_counter()
         staged = {"seconds": t2 - t0, "tokens_per_s": n_tokens / (t2 - t0),
@@ -283,6 +311,7 @@ def main() -> int:
         except Exception as err:  # reported, not fatal: the eager ceiling is the bar's
             compiled_ceiling = f"failed: {type(err).__name__}: {err}"[:300]
         tflops = matmul_tflops(device)
+        fp8_tflops = fp8_matmul_tflops(device)
         mean_len = n_tokens / n_rows
         fpt = flops_per_token(encoder.model.config, mean_len)
 
@@ -306,7 +335,11 @@ def main() -> int:
             "packed_ceiling_compiled_tokens_per_s": compiled_ceiling,
             "share_of_ceiling": ours["tokens_per_s"] / ceiling if ceiling == ceiling else None,
             "bf16_matmul_tflops": tflops,
+            "precision": encoder.precision,
             "mfu": ours["tokens_per_s"] * fpt / (tflops * 1e12) if tflops == tflops else None,
+            "fp8_matmul_tflops": fp8_tflops,
+            "mfu_vs_fp8": ours["tokens_per_s"] * fpt / (fp8_tflops * 1e12)
+            if fp8_tflops else None,
             "peak_gpu_gb": peak_gb,
             "kernel_cache_fill_s": kernel_cache_s,
             "cosine_vs_fp32": {"min": float(cos.min()), "mean": float(cos.mean()),

@@ -45,7 +45,8 @@ def embed(
     overwrite: Annotated[bool, typer.Option(
         help="With --index: discard embeddings made with another model or dtype.")] = False,
     precision: Annotated[str, typer.Option(
-        help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32 or bf16.")]
+        help="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32, bf16, or fp8 "
+        "(linear layers in FP8 on Hopper/Ada GPUs; elsewhere what auto picks, with a notice).")]
     = "auto",
     devices: Annotated[str | None, typer.Option(
         help="With --index: one worker per device, e.g. cuda:0,cuda:1, or 'all' GPUs.")]
@@ -191,7 +192,8 @@ def tokenize(
     dtype: Annotated[str, typer.Option(help="With --embed: float32 or float16.")] = "float32",
     batch_tokens: Annotated[int | None, typer.Option(
         help="With --embed: tokens per forward pass.")] = None,
-    precision: Annotated[str, typer.Option(help="With --embed: auto, fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="With --embed: auto, fp32, bf16 or fp8 (see embed).")] = "auto",
     devices: Annotated[str | None, typer.Option(
         help="With --embed: one thread per device, e.g. cuda:0,cuda:1, or 'all'.")] = None,
     ray: RayOption = None,

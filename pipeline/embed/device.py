@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 
 from pipeline.errors import UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 # The device types an encoder runs on. torch knows more (mps, xpu, meta, ...), but ours fail
@@ -48,12 +49,32 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device,
-                      fast_cpu_bf16: Callable[[], bool] | None = None) -> str:
+                      fast_cpu_bf16: Callable[[], bool] | None = None,
+                      notice: Callable[[str], None] | None = None) -> str:
     """auto: bf16 on CUDA and on CPUs with bf16 units, else fp32 (cosine to fp32 >= 0.999).
-    `fast_cpu_bf16` answers whether this CPU has them (default: `cpu_has_fast_bf16`)."""
+    fp8: the FP8 linear layers (model/fp8.py) where the GPU and torch have them, else what
+    auto picks, with a one-line `notice` (default: to stderr) saying why. `fast_cpu_bf16`
+    answers whether this CPU has bf16 units (default: `cpu_has_fast_bf16`)."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "fp8":
+        from pipeline.model.fp8 import unsupported_reason
+
+        reason = unsupported_reason(device)
+        if reason is None:
+            return "fp8"
+        fallback = resolve_precision("auto", device, fast_cpu_bf16)
+        (notice or print_notice)(f"--precision fp8: {reason}; using {fallback}")
+        return fallback
     if precision != "auto":
         return precision
     has_fast_bf16 = fast_cpu_bf16 or cpu_has_fast_bf16
     return "bf16" if device.type == "cuda" or has_fast_bf16() else "fp32"
+
+
+def print_notice(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def quiet(line: str) -> None:
+    """A `notice` that says nothing: for a second resolution of a precision already told."""

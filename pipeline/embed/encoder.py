@@ -25,6 +25,7 @@ from pipeline.embed.gpu import PendingVectors, compile_ahead, layout_on_device
 from pipeline.embed.layout import WINDOW, pack_windows, plan_layout, plan_passes
 from pipeline.embed.models import DEFAULT_MODEL_DIR, default_model_spec, load_model, model_width
 from pipeline.errors import ModelSpecError
+from pipeline.model import fp8
 from pipeline.model.gpt2 import GPT2Model
 from pipeline.text.tokenizer import Tokenizer
 
@@ -52,6 +53,8 @@ class Encoder:
     # A list to have each packed pass's host timings and GPU events appended to
     # (benchmarks/gpu_timeline.py finds why the GPU waited); None: not recorded.
     pass_log: list | None = field(default=None, repr=False)
+    # With precision fp8: each block's linear layers in e4m3 (model/fp8.py).
+    fp8_blocks: list | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, spec: str | None = None, device: str | None = None,
@@ -62,14 +65,18 @@ class Encoder:
         # get an fp32 reference on a CPU with bf16 units.
         precision = resolve_precision(precision, dev, cpu_has_fast_bf16)
         model = model.to(dev).eval()
-        if precision == "bf16":
+        if precision in ("bf16", "fp8"):
             # bf16 weights, on a GPU and on a CPU alike: no per-op casts (autocast's cost
             # 10% of a CPU pass), half the weight traffic; pooling and normalisation still
             # accumulate in fp32 (GPT2Model.embed). On this 2-core AMD: 25.8k -> 29.9k
-            # tokens/s, min cosine to fp32 0.99998 (docs/performance.md).
+            # tokens/s, min cosine to fp32 0.99998 (docs/performance.md). fp8 keeps them
+            # for everything but the four linear layers of each block.
             model = model.to(torch.bfloat16)
-        return cls(model, Tokenizer.load(), dev, canonical, sha,
-                   pooling or model.config.pooling, precision)
+        encoder = cls(model, Tokenizer.load(), dev, canonical, sha,
+                      pooling or model.config.pooling, precision)
+        if precision == "fp8":
+            encoder.fp8_blocks = fp8.prepare(model)
+        return encoder
 
     @property
     def dim(self) -> int:
@@ -155,7 +162,13 @@ class Encoder:
     @property
     def packs(self) -> bool:
         """Whether this encoder runs the packed GPU path (`plan_passes`, PackedLayout)."""
-        return self.device.type == "cuda" and self.precision == "bf16"
+        return self.device.type == "cuda" and self.precision in ("bf16", "fp8")
+
+    def embed_packed(self, layout) -> torch.Tensor:
+        """One packed pass (PackedLayout) -> (B, dim) unit vectors on the device."""
+        if self.fp8_blocks is not None:
+            return fp8.embed_packed(self.model, self.fp8_blocks, layout, self.pooling)
+        return self.model.embed_packed(layout, self.pooling)
 
     def plan_passes(self, values: np.ndarray, offsets: np.ndarray, max_batch_tokens: int
                     ) -> tuple[list[tuple[int, int]], list[dict]]:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.embed.device import pick_device, resolve_precision
+from pipeline.embed.device import pick_device, quiet, resolve_precision
 from pipeline.embed.layout import LAYOUT_ARRAYS, LAYOUT_INTS, WINDOW, WINDOW_STEP, plan_layout
 from pipeline.embed.models import model_width
 from pipeline.errors import PipelineError
-from pipeline.model import fused
+from pipeline.model import fp8, fused
 from pipeline.model.gpt2 import PackedLayout
 
 if TYPE_CHECKING:
@@ -108,9 +108,22 @@ def compile_ahead(spec: str | None, device: str | None, precision: str = "auto"
     with contextlib.suppress(ValueError, RuntimeError, PipelineError):
         device_ = pick_device(device)
         width = model_width(spec)
-        if device_.type == "cuda" and resolve_precision(precision, device_) == "bf16" and width:
-            return fused.start_compile(device_, torch.bfloat16, width)
+        resolved = resolve_precision(precision, device_, notice=quiet)
+        if device_.type == "cuda" and resolved in ("bf16", "fp8") and width:
+            return start_compile(device_, resolved, width)
     return None
+
+
+def start_compile(device: torch.device, precision: str, width: int) -> threading.Thread:
+    """The packed path's Triton kernels for `precision` compiling in a thread of its own."""
+    def compile_all():
+        fused.compile_for(device, torch.bfloat16, width)
+        if precision == "fp8":
+            fp8.compile_for(device, width)
+
+    thread = threading.Thread(target=compile_all)
+    thread.start()
+    return thread
 
 
 def warm_up(encoder: Encoder, compiling: threading.Thread | None = None) -> None:
@@ -119,8 +132,8 @@ def warm_up(encoder: Encoder, compiling: threading.Thread | None = None) -> None
     it already) in one thread, the first calls into cuDNN and cuBLAS (loading their kernels)
     in this one, at the same time (torch's ops release the GIL)."""
     model, causal = encoder.model, encoder.model.config.attention == "causal"
-    compiling = compiling or fused.start_compile(encoder.device, model.wte.weight.dtype,
-                                                 model.config.n_embd)
+    compiling = compiling or start_compile(encoder.device, encoder.precision,
+                                           model.config.n_embd)
     # Enough short sequences for WINDOW_STEP windows, and two long ones.
     lengths = np.array([WINDOW // 2] * (2 * WINDOW_STEP) + [2 * WINDOW + 1] * 2)
     values = np.zeros(lengths.sum(), dtype=np.int32)
@@ -133,7 +146,7 @@ def warm_up(encoder: Encoder, compiling: threading.Thread | None = None) -> None
             model.h[0].mlp(model.h[0].attn.forward_packed(x, layout, causal))
         compiling.join()
         for layout in layouts:
-            model.embed_packed(layout, encoder.pooling)
+            encoder.embed_packed(layout)
         torch.cuda.synchronize()
 
 
@@ -170,7 +183,7 @@ def _queue_passes(encoder: Encoder, values: np.ndarray, offsets: np.ndarray,
         wait_for_gpu(encoder.queued)
         launched = time.perf_counter()
         begin = recorded_event(timing=True) if log is not None else None
-        out[a:b] = encoder.model.embed_packed(layout, encoder.pooling)
+        out[a:b] = encoder.embed_packed(layout)
         last = b == n  # its event also times the whole call
         encoder.queued.append(recorded_event(timing=log is not None or last))
         done.append((b, encoder.queued[-1]))

@@ -51,21 +51,26 @@ class SelfAttention(nn.Module):
         bench corpus, windows took attention from 0.74 to 0.35 ms a layer, H200.)
         """
         N, C = x.shape
-        hs = C // self.n_head
-        qkv = self.c_attn(x).view(N, 3, self.n_head, hs)
+        qkv = self.c_attn(x).view(N, 3, self.n_head, C // self.n_head)
+        return self.c_proj(self.attend_packed(qkv, layout, causal))
+
+    def attend_packed(self, qkv: torch.Tensor, layout: PackedLayout, causal: bool
+                      ) -> torch.Tensor:
+        """(N, 3, nh, hs) q, k, v of `layout`'s slots -> (N, C) attention outputs, before
+        c_proj (the FP8 path, model/fp8.py, quantises them in between)."""
+        N, _, nh, hs = qkv.shape
         nw = layout.window_tokens
         if nw == N:  # no long sequence
-            return self.c_proj(self.window_attention(qkv, layout).reshape(N, C))
+            return self.window_attention(qkv, layout).reshape(N, nh * hs)
         y = varlen_attention(*qkv[nw:].unbind(1), layout.long_cu, layout.long_max, causal)
         if nw:
             # Both parts into one buffer (cheaper than concatenating): the long part's rows
             # are copied, the windows' are written by the transposing copy they need anyway.
-            out = torch.empty((N, self.n_head, hs), dtype=y.dtype, device=y.device)
+            out = torch.empty((N, nh, hs), dtype=y.dtype, device=y.device)
             out[nw:] = y
-            out[:nw].view(-1, layout.window, self.n_head, hs).copy_(
-                self.window_attention(qkv, layout))
+            out[:nw].view(-1, layout.window, nh, hs).copy_(self.window_attention(qkv, layout))
             y = out
-        return self.c_proj(y.reshape(N, C))
+        return y.reshape(N, nh * hs)
 
     def window_attention(self, qkv: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """Dense attention over the windows under their block-diagonal mask, as (W, window,

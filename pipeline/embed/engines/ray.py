@@ -201,13 +201,14 @@ class EmbedPieces:
             return None
         import torch
 
-        from pipeline.embed.device import resolve_precision
-        from pipeline.model import fused
+        from pipeline.embed.device import quiet, resolve_precision
+        from pipeline.embed.gpu import start_compile
 
         device = torch.device("cuda", torch.cuda.current_device())
-        if resolve_precision(s.precision, device) != "bf16":
+        precision = resolve_precision(s.precision, device, notice=quiet)
+        if precision not in ("bf16", "fp8"):
             return None
-        return fused.start_compile(device, torch.bfloat16, s.width)
+        return start_compile(device, precision, s.width)
 
     def _load(self, model_files):
         """(encoder, where its weights came from): the driver's checkpoint folder where this
