@@ -1,6 +1,6 @@
-"""Where the GPU time of the packed forward goes (GPT-2 124M, bf16, CUDA).
+"""Where the GPU time of the packed forward goes (GPT-2 124M, bf16 or fp8, CUDA).
 
-    python benchmarks/model_profile.py [--tokens 4000000]
+    python benchmarks/model_profile.py [--tokens 4000000] [--precision fp8]
 
 Times `Encoder.start_embed_flat` on random ids with the bench corpus's length distribution
 (lognormal, mean ~46 tokens) for a few token budgets per forward pass, then the GPU's idle
@@ -31,8 +31,9 @@ def main() -> int:
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--window", type=int, default=128,
                         help="attention window of short sequences; 0: varlen kernel for all")
+    parser.add_argument("--precision", default="bf16", help="bf16 or fp8")
     args = parser.parse_args()
-    encoder = Encoder.load(f"random:{args.preset}:0", "cuda")
+    encoder = Encoder.load(f"random:{args.preset}:0", "cuda", precision=args.precision)
     encoder.window = args.window
     lengths = lengths_like_the_bench(args.tokens)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
