@@ -65,9 +65,11 @@ class Fp8Linear:
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Fp8Linear:
-        w = linear.weight.detach().float()
+        # Row-major, whatever the loaded weight's strides (a checkpoint's Conv1D weights come
+        # transposed): cuBLASLt takes only a row-major times a column-major operand.
+        w = linear.weight.detach().float().contiguous()
         scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-        q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
         return cls(q, scale.view(1, -1).contiguous(), linear.bias.detach().to(torch.bfloat16))
 
     def __call__(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
