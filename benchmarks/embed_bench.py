@@ -48,11 +48,26 @@ def make_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
             fh.write(" ".join(words[start:start + n]) + "\n")
 
 
+# The CPU's matrix and vector units that decide which precision is fast, best first.
+ISA_FLAGS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512_vnni", "VNNI"),
+             ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_isa(flags: set[str]) -> str:
+    """The units of ISA_FLAGS that /proc/cpuinfo's flags name, e.g. 'AVX-512 BF16, VNNI'."""
+    return ", ".join(name for flag, name in ISA_FLAGS if flag in flags) or "no AVX2"
+
+
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    """/proc/cpuinfo's model name, the core count and the ISA (every CPU figure carries it)."""
+    name, flags = platform.processor(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else ():
         if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor()
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return f"{name} ({os.cpu_count()} cores; {cpu_isa(flags)})"
 
 
 def fill_kernel_cache(spec: str, device: torch.device, precision: str = "auto") -> float:
@@ -235,6 +250,20 @@ def scaling(docs: int, preset: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def cpu_summary(card: str, result: dict) -> str:
+    """The last line of a CPU run: only what a CPU run measures (no GPU ceiling or share)."""
+    ours, base, staged = result["ours"], result["baseline"], result["staged"]
+    bf16 = base["bf16_autocast"]
+    return (f"\n{card}: ours {ours['tokens_per_s'] / 1e3:.1f}k tok/s end to end "
+            f"({ours['docs_per_s']:,.0f} docs/s, {result['precision']}); transformers fp32 "
+            f"{base['tokens_per_s'] / 1e3:.1f}k ({result['ratio_vs_baseline']:.2f}x), bf16 "
+            f"autocast {bf16['tokens_per_s'] / 1e3:.1f}k "
+            f"({base['ratio_vs_bf16_autocast']:.2f}x); stage after stage "
+            f"{staged['tokens_per_s'] / 1e3:.1f}k tok/s; tokenize busy "
+            f"{ours['tokenize_s'] / ours['seconds']:.0%} of the wall; min cosine "
+            f"{result['cosine_vs_fp32']['min']:.5f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=500_000)
@@ -352,6 +381,9 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     print(text)
+    if device.type == "cpu":
+        print(cpu_summary(card, result))
+        return 0
     total = ours["seconds"]
     print(f"\n{card}: ours {ours['tokens_per_s'] / 1e6:.2f}M tok/s "
           f"({ours['docs_per_s']:,.0f} docs/s), baseline {base['tokens_per_s'] / 1e6:.2f}M "
