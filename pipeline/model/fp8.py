@@ -115,31 +115,6 @@ def add_layer_norm_quantize_torch(x, delta, norm):
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows"])
-    def _add_ln_quantize_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, q_ptr,
-                                scale_ptr, n_rows, n_cols, eps, BLOCK: tl.constexpr,
-                                ROWS: tl.constexpr):
-        # fused._add_layer_norm_kernel, writing the normalised rows as e4m3 and their scales.
-        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
-        cols = tl.arange(0, BLOCK)[None, :]
-        inside = (rows < n_rows) & (cols < n_cols)
-        offsets = rows * n_cols + cols
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        delta = tl.load(delta_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        total = (x + delta).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + offsets, total, mask=inside)
-        total = total.to(tl.float32)
-        mean = tl.sum(total, axis=1) / n_cols
-        centred = tl.where(inside, total - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
-        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        out = tl.where(inside, centred * rstd[:, None] * weight + bias, 0.0)
-        scale = tl.maximum(tl.max(tl.abs(out), axis=1) / 448.0, 1e-12)
-        q = tl.clamp(out / scale[:, None], -448.0, 448.0)
-        tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=inside)
-        tl.store(scale_ptr + rows, scale[:, None], mask=rows < n_rows)
-
-    @triton.jit(do_not_specialize=["n_rows"])
     def _quantize_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, GELU: tl.constexpr,
                          BLOCK: tl.constexpr, ROWS: tl.constexpr):
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
@@ -186,9 +161,9 @@ def add_layer_norm_quantize(x: torch.Tensor, delta: torch.Tensor, norm: nn.Layer
     q = torch.empty((n_rows, n_cols), dtype=FP8, device=x.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     rows = fused.ROWS_PER_PROGRAM
-    _add_ln_quantize_kernel[(triton.cdiv(n_rows, rows),)](
+    fused._add_layer_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x, delta, norm.weight, norm.bias, total, q, scale, n_rows, n_cols, norm.eps,
-        BLOCK=triton.next_power_of_2(n_cols), ROWS=rows, num_warps=4)
+        BLOCK=triton.next_power_of_2(n_cols), ROWS=rows, QUANTIZE=True, num_warps=4)
     return total, q, scale
 
 

@@ -29,7 +29,10 @@ if triton is not None:
     # residue of it mod 16, and the packed passes' row counts vary.
     @triton.jit(do_not_specialize=["n_rows"])
     def _add_layer_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr,
-                               n_rows, n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                               scale_ptr, n_rows, n_cols, eps, BLOCK: tl.constexpr,
+                               ROWS: tl.constexpr, QUANTIZE: tl.constexpr = False):
+        # QUANTIZE (model/fp8.py): out_ptr is e4m3, each row scaled to its amax / 448 and
+        # the scale stored at scale_ptr; otherwise scale_ptr is unused.
         # int64: a large pass (N x C) passes 2**31 elements.
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
         cols = tl.arange(0, BLOCK)[None, :]
@@ -47,6 +50,10 @@ if triton is not None:
         weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         out = centred * rstd[:, None] * weight + bias
+        if QUANTIZE:
+            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / 448.0, 1e-12)
+            out = tl.clamp(out / scale[:, None], -448.0, 448.0)
+            tl.store(scale_ptr + rows, scale[:, None], mask=rows < n_rows)
         tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -64,8 +71,8 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm
     total, out = torch.empty_like(x), torch.empty_like(x)
     n_rows, n_cols = x.shape
     grid = (triton.cdiv(n_rows, ROWS_PER_PROGRAM),)
-    _add_layer_norm_kernel[grid](x, delta, norm.weight, norm.bias, total, out, n_rows, n_cols,
-                                 norm.eps, BLOCK=triton.next_power_of_2(n_cols),
+    _add_layer_norm_kernel[grid](x, delta, norm.weight, norm.bias, total, out, out, n_rows,
+                                 n_cols, norm.eps, BLOCK=triton.next_power_of_2(n_cols),
                                  ROWS=ROWS_PER_PROGRAM, num_warps=4)
     return total, out
 
